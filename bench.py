@@ -1,0 +1,197 @@
+"""Training and sampling throughput on one GPU, against the seed and diffusers, in one run.
+
+    python bench.py --out generated/bench            # on a CUDA GPU; prints a table, writes bench.json
+
+Rows:
+  (1) the seed as it trained: preset seed, fp32 (TF32 convolutions), a plain eager loop that reads
+      the loss back every step, Adam, batch 230;
+  (2) diffusers' UNet2DModel with its DDPM CIFAR-10 configuration, bf16 autocast + channels_last, batch 256;
+  (3) train.py's own training step (make_train_step) with preset seed, batch 230;
+  (4) train.py's own training step with preset default, batch 230.
+FLOPs are counted by torch's FlopCounterMode on one eager training step (forward + backward).
+Also: samples per second for DDPM-1000 and DPM-Solver-20 with the default network, and the card's
+measured bf16 matrix-multiply peak.
+"""
+import argparse
+import copy
+import json
+import os
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from config import make_config
+from diffusion import sample, sample_alpha_bar, training_loss
+from train import make_optimizer, make_train_step
+from unet import UNet
+
+
+def timed(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def flops_of(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(n=8192):
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    seconds = timed(lambda: a @ b, warmup=3, iters=20)
+    return 2 * n ** 3 / seconds
+
+
+def batch_for(config, batch_size, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.rand(batch_size, 3, 32, 32, device=device, generator=g) * 2 - 1
+    return x0, torch.randn(x0.shape, device=device, generator=g), sample_alpha_bar(config, batch_size, device, g)
+
+
+def seed_as_it_trained(batch_size, iters):
+    """(1): the seed's loop: eager fp32, Adam, the loss read back every step."""
+    config = make_config("seed")
+    model = UNet(config).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    x0, eps, alpha_bar = batch_for(config, batch_size, "cuda")
+
+    def step():
+        loss = training_loss(model, x0, eps, alpha_bar, config)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return measure("(1) seed as it trained: fp32, eager, Adam", step, batch_size, iters)
+
+
+def diffusers_peer(batch_size, iters):
+    """(2): diffusers' UNet2DModel, DDPM CIFAR-10 configuration (google/ddpm-cifar10-32), bf16."""
+    from diffusers import UNet2DModel
+    model = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), dropout=0.1,
+    ).cuda().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x0 = torch.randn(batch_size, 3, 32, 32, device="cuda", generator=g)
+    eps = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (batch_size,), device="cuda", generator=g)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = (model(x0 + eps, t).sample.float() - eps).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    row = measure("(2) diffusers UNet2DModel (DDPM CIFAR-10), bf16", step, batch_size, iters)
+    row["parameters"] = sum(p.numel() for p in model.parameters())
+    return row
+
+
+def ours(preset, batch_size, iters, compile_model=True):
+    """(3), (4): exactly train.py's step: make_train_step with bf16, channels_last, EMA, compile."""
+    config = make_config(preset, [f"batch_size={batch_size}"])
+    model = UNet(config).cuda().to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False) if config.ema_decay > 0 else model
+    optimizer = make_optimizer(model, config, fused=True)
+    train_model = torch.compile(model) if compile_model else model
+    step_fn = make_train_step(train_model, model, ema, optimizer, config, torch.bfloat16)
+    x0, eps, alpha_bar = batch_for(config, batch_size, "cuda")
+    x0 = x0.contiguous(memory_format=torch.channels_last)
+    flops = flops_of(lambda: make_train_step(model, model, ema, optimizer, config, torch.bfloat16)(x0, eps, alpha_bar, 0.0, 0.999))
+    row = measure(f"({'3' if preset == 'seed' else '4'}) train.py step, preset {preset}, bf16 + channels_last"
+                  f"{' + compile' if compile_model else ''}", lambda: step_fn(x0, eps, alpha_bar, config.learning_rate, config.ema_decay),
+                  batch_size, iters, flops=flops)
+    row["parameters"] = sum(p.numel() for p in model.parameters())
+    return row
+
+
+def measure(name, step, batch_size, iters, flops=None):
+    torch.cuda.reset_peak_memory_stats()
+    if flops is None:
+        flops = flops_of(step)
+    seconds = timed(step, warmup=5, iters=iters)
+    row = dict(name=name, batch_size=batch_size, img_per_s=batch_size / seconds, step_ms=1e3 * seconds,
+               gflop_per_image=flops / batch_size / 1e9, tflops=flops / seconds / 1e12,
+               peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+    print(f"  {name}: {row['img_per_s']:,.0f} img/s, {row['tflops']:.0f} TFLOP/s, "
+          f"{row['peak_memory_gib']:.1f} GiB", flush=True)
+    return row
+
+
+def sampling_speed(sampler, steps, num_images):
+    config = make_config("default")
+    model = UNet(config).cuda().to(memory_format=torch.channels_last).sampling_mode()
+    fn = lambda: sample(model, config, num_images, sampler=sampler, steps=steps, device="cuda",
+                        generator=torch.Generator().manual_seed(0))
+    seconds = timed(fn, warmup=1, iters=1)
+    print(f"  sampling {sampler}-{steps}: {num_images / seconds:,.0f} samples/s", flush=True)
+    return dict(name=f"sampling {sampler}-{steps}, preset default", num_images=num_images, seconds=seconds,
+                samples_per_s=num_images / seconds)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="generated/bench")
+    parser.add_argument("--iters", type=int, default=30, help="timed steps per row")
+    parser.add_argument("--sample_images", type=int, default=5000, help="images per sampling measurement")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench.py measures a CUDA GPU and none is visible")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    os.makedirs(args.out, exist_ok=True)
+    card = torch.cuda.get_device_name()
+    print(f"{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+
+    results = dict(card=card, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=[])
+    results["bf16_matmul_peak_tflops"] = matmul_peak() / 1e12
+    print(f"  bf16 matmul peak: {results['bf16_matmul_peak_tflops']:.0f} TFLOP/s", flush=True)
+    for make_row in (lambda: seed_as_it_trained(230, args.iters), lambda: diffusers_peer(256, args.iters),
+                     lambda: ours("seed", 230, args.iters), lambda: ours("default", 230, args.iters)):
+        try:
+            results["rows"].append(make_row())
+        except Exception as e:  # one failing row must not lose the others
+            print(f"  row failed: {type(e).__name__}: {e}", flush=True)
+        torch.cuda.empty_cache()
+    results["sampling"] = []
+    for sampler, steps, n in (("dpm", 20, args.sample_images), ("ddpm", 1000, min(args.sample_images, 2000))):
+        try:
+            results["sampling"].append(sampling_speed(sampler, steps, n))
+        except Exception as e:
+            print(f"  sampling failed: {type(e).__name__}: {e}", flush=True)
+
+    rows = {r["name"][:3]: r for r in results["rows"]}
+    peak = results["bf16_matmul_peak_tflops"]
+    lines = [f"Card: {card}; torch {torch.__version__}; {results['date']}; bf16 matmul peak {peak:.0f} TFLOP/s", "",
+             "| what | batch | img/s | GFLOP/img | TFLOP/s | % of bf16 peak | peak memory GiB | vs (1) | vs (2) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        vs1 = r["img_per_s"] / rows["(1)"]["img_per_s"] if "(1)" in rows else float("nan")
+        vs2 = r["img_per_s"] / rows["(2)"]["img_per_s"] if "(2)" in rows else float("nan")
+        lines.append(f"| {r['name']} | {r['batch_size']} | {r['img_per_s']:,.0f} | {r['gflop_per_image']:.1f} | "
+                     f"{r['tflops']:.0f} | {100 * r['tflops'] / peak:.0f}% | {r['peak_memory_gib']:.1f} | "
+                     f"{vs1:.2f}x | {vs2:.2f}x |")
+    lines.append("")
+    for s in results["sampling"]:
+        lines.append(f"- {s['name']}: {s['samples_per_s']:,.0f} samples/s "
+                     f"(50,000 samples in {50000 / s['samples_per_s']:.0f} s)")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(table + "\n")

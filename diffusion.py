@@ -1,0 +1,167 @@
+"""The noise process: which noise levels training sees, what the network predicts, the loss, and
+the samplers. All noise-level maths lives in this file.
+
+Notation (Ho et al. 2020): x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, eps ~ N(0, I).
+The network is given alpha_bar itself, never a step index, so one trained network works with every
+sampler and number of steps.
+"""
+import math
+
+import torch
+from tqdm import tqdm
+
+from dataset import data_bounds
+
+NUM_TRAIN_TIMESTEPS = 1000
+LINEAR_BETA_START, LINEAR_BETA_END = 1e-4, 0.02  # DDPM's linear schedule (Ho et al. 2020, sec. 4)
+
+
+def linear_alpha_bar(device=None):
+    """alpha_bar_t for t = 0..999 of DDPM's linear beta schedule."""
+    betas = torch.linspace(LINEAR_BETA_START, LINEAR_BETA_END, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0).float().to(device)
+
+
+def cosine_alpha_bar(t):
+    """Continuous cosine schedule, t in [0, 1] (Nichol & Dhariwal 2021, eq. 17, s = 0.008)."""
+    s = 0.008
+    return (torch.cos((t + s) / (1 + s) * math.pi / 2) / math.cos(s / (1 + s) * math.pi / 2)) ** 2
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def sample_alpha_bar(config, n, device, generator=None):
+    """The noise levels a training batch sees (config.noise_sampling)."""
+    u = torch.rand(n, device=device, generator=generator)
+    if config.noise_sampling == "uniform_alpha_bar":  # the seed's: alpha_bar ~ U[0, 1]
+        alpha_bar = u
+    elif config.noise_sampling == "linear_beta_t":  # DDPM: t ~ U{0..999} on the linear-beta schedule
+        t = (u * NUM_TRAIN_TIMESTEPS).long().clamp_(max=NUM_TRAIN_TIMESTEPS - 1)
+        alpha_bar = linear_alpha_bar(device)[t]
+    elif config.noise_sampling == "cosine":  # t ~ U[0, 1] on the cosine schedule
+        alpha_bar = cosine_alpha_bar(u)
+    else:  # edm_lognormal: ln sigma ~ N(-1.2, 1.2^2) (Karras et al. 2022, Table 1), alpha_bar = 1 / (1 + sigma^2)
+        log_sigma = -1.2 + 1.2 * math.sqrt(2) * torch.erfinv(2 * u.clamp(1e-6, 1 - 1e-6) - 1)
+        alpha_bar = torch.sigmoid(-2 * log_sigma)
+    return alpha_bar.clamp(1e-5, 1 - 1e-5)
+
+
+def add_noise(x0, eps, alpha_bar):
+    a = alpha_bar.view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def target_of(config, x0, eps, alpha_bar):
+    """What the network learns to predict (config.target)."""
+    a = alpha_bar.view(-1, 1, 1, 1)
+    if config.target == "eps":
+        return eps
+    if config.target == "x0":
+        return x0
+    return a.sqrt() * eps - (1 - a).sqrt() * x0  # v (Salimans & Ho 2022, sec. 4)
+
+
+def x0_and_eps_of(config, prediction, x_t, alpha_bar):
+    """Both x0 and eps implied by a network output of kind config.target."""
+    a = alpha_bar.view(-1, 1, 1, 1)
+    if config.target == "eps":
+        eps = prediction
+        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    elif config.target == "x0":
+        x0 = prediction
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    else:
+        x0 = a.sqrt() * x_t - (1 - a).sqrt() * prediction
+        eps = (1 - a).sqrt() * x_t + a.sqrt() * prediction
+    return x0, eps
+
+
+def loss_weight(config, alpha_bar):
+    """Per-image weight of the squared error (config.loss_weighting)."""
+    if config.loss_weighting == "none":
+        return torch.ones_like(alpha_bar)
+    # Min-SNR-5 (Hang et al. 2023): weight min(SNR, 5) on the x0 error, expressed for the target.
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=5.0)
+    return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[config.target]
+
+
+def training_loss(model, x0, eps, alpha_bar, config):
+    """The denoising loss of one batch (Ho et al. 2020, Algorithm 1): noise the images to the
+    drawn levels (sample_alpha_bar), denoise, and take the weighted squared error. A scalar."""
+    x_t = add_noise(x0, eps, alpha_bar)
+    prediction = model(x_t, alpha_bar).float()
+    squared_error = (prediction - target_of(config, x0, eps, alpha_bar)).square().mean(dim=(1, 2, 3))
+    return (loss_weight(config, alpha_bar) * squared_error).mean()
+
+
+def validation_loss(model, x0, eps, alpha_bar, config):
+    """Mean squared error of the implied eps on fixed (image, noise, noise level) triples. Measured
+    in eps whatever the target, so runs with different targets are compared on one scale."""
+    x_t = add_noise(x0, eps, alpha_bar)
+    prediction = model(x_t, alpha_bar).float()
+    _, eps_hat = x0_and_eps_of(config, prediction, x_t, alpha_bar)
+    return (eps_hat - eps).square().mean()
+
+
+# ---- sampling, through diffusers' schedulers -----------------------------------------------------
+
+PREDICTION_TYPE = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+def make_scheduler(config, sampler, steps, clamp):
+    """A diffusers scheduler over the sampling noise schedule (config.sampling_schedule).
+
+    With clamping the network's output is turned into a clamped x0 before the scheduler sees it
+    (see `sample`), so the scheduler is told to expect x0."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    common = dict(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[config.sampling_schedule],
+        beta_start=LINEAR_BETA_START, beta_end=LINEAR_BETA_END,
+        prediction_type="sample" if clamp else PREDICTION_TYPE[config.target],
+    )
+    if sampler == "ddpm":
+        scheduler = DDPMScheduler(**common, clip_sample=False, variance_type="fixed_small")
+    elif sampler == "ddim":
+        # "linspace" runs from t = 999, the noisiest level (Lin et al. 2024, sec. 3.3), down to t = 0.
+        scheduler = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="linspace")
+    elif sampler == "dpm":
+        # Steps uniform in log-SNR, as the DPM-Solver papers recommend (Lu et al. 2022, sec. 3.3): uniform
+        # steps in t leave too few steps at low noise, and the samples come out too smooth.
+        scheduler = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                                use_lu_lambdas=True, final_sigmas_type="zero")
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}: choose ddpm, ddim or dpm")
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@torch.no_grad()
+def sample(model, config, num_images, sampler=None, steps=None, eta=None, clamp=None,
+           generator=None, device="cpu", progress=False):
+    """Draw num_images samples in the data range; unset arguments take the configuration's values.
+
+    The network is given alpha_bar of the scheduler's current step, whatever the sampler."""
+    sampler = sampler or config.sampler
+    steps = steps or config.sampling_steps
+    eta = config.eta if eta is None else eta
+    clamp = config.clamp_x0 if clamp is None else clamp
+    scheduler = make_scheduler(config, sampler, steps, clamp)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    low, high = data_bounds(config)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+    x = torch.randn((num_images, 3, 32, 32), generator=generator, device=generator.device if generator else device)
+    x = x.to(device) * scheduler.init_noise_sigma
+    for t in tqdm(scheduler.timesteps, desc=f"{sampler}-{steps}", disable=not progress, leave=False):
+        alpha_bar = alphas_cumprod[t].expand(num_images)
+        with autocast:
+            prediction = model(x, alpha_bar).float()
+        if clamp:
+            x0, _ = x0_and_eps_of(config, prediction, x, alpha_bar)
+            prediction = x0.clamp(low, high)
+        step_kwargs = dict(eta=eta) if sampler == "ddim" else {}
+        x = scheduler.step(prediction, t, x, generator=generator, **step_kwargs).prev_sample
+    return x

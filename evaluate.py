@@ -1,0 +1,541 @@
+"""Sample quality: generated images against the train set, each number beside its floor.
+
+    bash evaluate.sh --checkpoint checkpoints/latest_model.pth      # generate, then evaluate
+    bash evaluate.sh --image_dir some/folder --output_json eval.json
+
+Every metric is computed twice with the same number of images N: for the samples against the
+reference (train) set, and for the held-out test set against the same reference set. The second
+number is the floor: test images are true data that no model saw, so a perfect generator scores
+about the floor, not zero. N is the number of samples, at most the size of the test set.
+
+- FID (Heusel et al. 2017) and KID (Binkowski et al. 2018, x1e3) on Inception-v3 pool features,
+  through torchmetrics and torch-fidelity, with the images resized to 299x299 as TensorFlow's FID
+  code does. They need the FID Inception weights in models/pt_inception-2015-12-05-6726825d.pth
+  (downloaded when the network allows); without them both are skipped. Lower is better.
+- SWD: sliced Wasserstein distance between random 7x7 patches of Laplacian pyramids (Karras et al.
+  2018, Progressive GAN, appendix D), x1e3 as in the paper, per pyramid level (32: the finest
+  details; 16: the coarse image) and averaged. Needs no pretrained weights. Lower is better.
+- Precision and recall (Kynkaanniemi et al. 2019): the share of samples inside the k=3
+  nearest-neighbour manifold of real images (are samples realistic?), and the share of real images
+  inside the samples' manifold (do samples cover the data?). On Inception features when the weights
+  are there, else on raw pixels; the table says which. Higher is better.
+- Memorised share: samples whose nearest training image (L2 over pixels in [0, 1]) is closer than
+  the 1st percentile of the test images' nearest-training-image distances. Its floor is about 0.01
+  by construction; far above it means the model copies training images.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import socket
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from config import ConfigError
+from dataset import DatasetError, load_image_folder
+from generate import add_sampler_arguments, generate_images, load_model
+from train import UserError, pick_device
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+# The TensorFlow FID Inception weights as converted by pytorch-fid; torch-fidelity's
+# weights-inception-2015-12-05-6726825d.pth has the same layout, and either file works here.
+INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
+K_NEAREST = 3  # Kynkaanniemi et al. 2019 use k = 3
+MEMORISATION_PERCENTILE = 0.01
+FEATURE_BATCH = 200
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except (DatasetError, UserError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_table(report))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.output_json}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="generate --num_samples images with this checkpoint, then evaluate them")
+    source.add_argument("--image_dir", help="evaluate the 32x32 images of this folder as they are")
+    parser.add_argument("--reference_dir", default="images/train_images_downsample",
+                        help="the real images the samples are compared with (default: the train set)")
+    parser.add_argument("--test_dir", default="images/test_images_downsample",
+                        help="held-out real images; the same metrics on them against --reference_dir are the floor")
+    parser.add_argument("--num_samples", type=int, default=10_000,
+                        help="images to generate with --checkpoint (at most the size of the test set is used)")
+    parser.add_argument("--output_json", help="also write every number, the sampler and the checkpoint's config here")
+    parser.add_argument("--inception_weights", default=os.path.join("models", INCEPTION_FILE),
+                        help="FID Inception weights (state dict); FID and KID are skipped when missing")
+    parser.add_argument("--no_download", action="store_true",
+                        help="do not try to download the Inception weights when the file is missing")
+    parser.add_argument("--skip_bad_images", action="store_true", help="skip undecodable image files instead of stopping")
+    add_sampler_arguments(parser)  # --sampler --steps --eta --clamp --seed --batch_size --no_ema --device
+    return parser.parse_args(argv)
+
+
+def run(args):
+    if args.num_samples < 2:
+        raise UserError(f"--num_samples {args.num_samples}: need at least 2 images")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint}: no such file")
+    if args.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
+        raise UserError(f"--output_json {args.output_json}: its folder does not exist")
+    device = pick_device(args.device)
+    seed = 0 if args.seed is None else args.seed
+    notes = []
+    inception_path = find_inception_weights(args.inception_weights, download=not args.no_download)
+    inception = load_inception(inception_path, device) if inception_path else None
+    if inception is None:
+        notes.append(f"FID skipped: put {os.path.basename(args.inception_weights)} in "
+                     f"{os.path.dirname(args.inception_weights) or '.'}/")
+        print(notes[-1])
+
+    reference = load_folder(args.reference_dir, "--reference_dir", args.skip_bad_images)
+    test = load_folder(args.test_dir, "--test_dir", args.skip_bad_images)
+    report = {"reference": {"dir": args.reference_dir, "images": len(reference)},
+              "test": {"dir": args.test_dir, "images": len(test)}}
+    if args.checkpoint:
+        n = min(args.num_samples, len(test), len(reference))
+        if n < args.num_samples:
+            notes.append(f"generating {n} samples, not {args.num_samples}: samples and floor use the same N, "
+                         f"and {args.test_dir} has {len(test)} images")
+            print(notes[-1])
+        model, config = load_model(args.checkpoint, device, use_ema=not args.no_ema)
+        samples = generate_images(model, config, n, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                  clamp=args.clamp, seed=args.seed, batch_size=args.batch_size, device=device,
+                                  progress=True)
+        report["samples"] = {"checkpoint": args.checkpoint, "images": n}
+        report["sampler"] = {"sampler": args.sampler or config.sampler, "steps": args.steps or config.sampling_steps,
+                             "eta": config.eta if args.eta is None else args.eta,
+                             "clamp": ("on" if config.clamp_x0 else "off") if args.clamp is None else args.clamp,
+                             "seed": args.seed, "batch_size": args.batch_size, "ema": not args.no_ema}
+        report["config"] = config_as_dict(config)
+    else:
+        samples = load_folder(args.image_dir, "--image_dir", args.skip_bad_images)
+        report["samples"] = {"dir": args.image_dir, "images": len(samples)}
+    n = min(len(samples), len(test), len(reference))
+    if n <= K_NEAREST + 1:
+        raise UserError(f"need more than {K_NEAREST + 1} images in every set, got {n}")
+    if n < len(samples):
+        notes.append(f"using {n} of the {len(samples)} samples: samples and floor use the same N")
+        print(notes[-1])
+
+    generator = torch.Generator().manual_seed(seed)
+    samples = random_subset(samples, n, generator)
+    test = random_subset(test, n, generator)
+    report["n"] = n
+    report["device"] = str(device)
+    report["seed"] = seed
+    report.update(evaluate(samples, test, reference, device=device, inception=inception, seed=seed))
+    report["notes"] = notes
+    return report
+
+
+@contextlib.contextmanager
+def full_float32():
+    """TF32 (switched on for training) would round Inception's convolutions and the distance
+    matmuls to 10-bit mantissas; metrics are computed in full float32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@full_float32()
+def evaluate(samples, test, reference, *, device="cpu", inception=None, seed=0):
+    """Every metric for samples vs reference and for test vs reference (the floor).
+
+    samples and test are uint8 N x 3 x H x W with the same N; reference may be larger. Returns
+    {"metrics": {name: {"samples": value, "floor": value}}, "precision_recall_features": ...}.
+    """
+    assert len(samples) == len(test), "samples and the floor must use the same N"
+    n = len(samples)
+    generator = torch.Generator().manual_seed(seed)
+    # SWD and precision/recall compare sets of equal size: a random N of the reference set.
+    subset = torch.randperm(len(reference), generator=generator)[:n]
+    metrics = {}
+
+    if inception is not None:
+        features = {name: inception_features(inception, images, device, desc=f"Inception features, {name}")
+                    for name, images in (("samples", samples), ("test", test), ("reference", reference))}
+        fid = [frechet_distance(features[name], features["reference"]) for name in ("samples", "test")]
+        kid = [kernel_inception_distance(features[name], features["reference"], seed=seed)
+               for name in ("samples", "test")]
+        metrics["fid"] = pair(*fid)
+        metrics["kid_x1e3"] = pair(kid[0][0] * 1e3, kid[1][0] * 1e3)
+        metrics["kid_x1e3_std"] = pair(kid[0][1] * 1e3, kid[1][1] * 1e3)
+        pr_space = "inception"
+        pr_real, pr_samples, pr_test = features["reference"][subset], features["samples"], features["test"]
+    else:
+        for key in ("fid", "kid_x1e3", "kid_x1e3_std"):
+            metrics[key] = pair(None, None)
+        pr_space = "pixels"
+        pr_real, pr_samples, pr_test = pixels(reference[subset]), pixels(samples), pixels(test)
+
+    swd_samples, swd_test = sliced_wasserstein_distance(reference[subset], [samples, test], seed=seed, device=device)
+    for level in swd_samples:
+        metrics[f"swd_x1e3_{level}"] = pair(swd_samples[level], swd_test[level])
+
+    pr = [precision_recall(pr_real, fake, k=K_NEAREST, device=device) for fake in (pr_samples, pr_test)]
+    metrics["precision"] = pair(pr[0][0], pr[1][0])
+    metrics["recall"] = pair(pr[0][1], pr[1][1])
+
+    memorised = memorisation(samples, test, reference, device=device)
+    metrics["memorised_share"] = memorised["share"]
+    metrics["nearest_train_l2_median"] = memorised["median"]
+    return {"metrics": metrics, "precision_recall_features": pr_space,
+            "memorisation_threshold_l2": memorised["threshold"]}
+
+
+def pair(samples_value, floor_value):
+    return {"samples": samples_value, "floor": floor_value}
+
+
+# ---- FID and KID: torchmetrics on Inception features computed once per image set --------------
+
+def find_inception_weights(path, download=True):
+    """The weights file, downloaded to `path` where the network allows; None if not available."""
+    if os.path.isfile(path):
+        return path
+    if not download:
+        return None
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # a blocked network should cost seconds, not minutes
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        print(f"downloading the FID Inception weights to {path}", file=sys.stderr)
+        torch.hub.download_url_to_file(INCEPTION_URL, path, progress=True)
+        return path
+    except (OSError, ValueError):
+        print("download failed", file=sys.stderr)
+        return None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def load_inception(path, device):
+    """torchmetrics' Inception-v3 (torch-fidelity's FID network) returning 2048 pool features."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+    try:
+        # Checked with weights_only=True first: torch-fidelity then loads the same file with
+        # weights_only=False, which is safe once the file is known to hold only tensors.
+        torch.load(path, map_location="cpu", weights_only=True)
+        # antialias=False: the TensorFlow-1 compatible bilinear resize to 299x299 of the original FID.
+        model = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                   feature_extractor_weights_path=path, antialias=False)
+    except Exception as e:  # any unreadable or mismatched file is the same user mistake
+        raise UserError(f"--inception_weights {path}: not a FID Inception state dict "
+                        f"({type(e).__name__}); replace it with {INCEPTION_FILE}") from None
+    return model.to(device)
+
+
+@torch.no_grad()
+def inception_features(model, images, device, desc="Inception features"):
+    """uint8 N x 3 x 32 x 32 -> float64 N x 2048; the model resizes to 299x299 itself."""
+    out = [model(images[i:i + FEATURE_BATCH].to(device)).double().cpu()
+           for i in tqdm(range(0, len(images), FEATURE_BATCH), desc=desc, file=sys.stderr)]
+    return torch.cat(out)
+
+
+class PrecomputedFeatures(torch.nn.Module):
+    """Lets torchmetrics take features we computed once, so Inception runs once per image."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features):
+        return features
+
+
+def frechet_distance(features_a, features_b):
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of the two sets' Gaussian fits (FID)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(features_a.shape[1]))
+    metric.update(features_a.double(), real=True)
+    metric.update(features_b.double(), real=False)
+    return float(metric.compute())
+
+
+def kernel_inception_distance(features_a, features_b, seed=0, subsets=100, subset_size=1000):
+    """Unbiased MMD^2 with the cubic polynomial kernel, mean and std over random subsets (KID)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+    subset_size = min(subset_size, len(features_a), len(features_b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "will save all extracted features in buffer": intended
+        metric = KernelInceptionDistance(feature=PrecomputedFeatures(features_a.shape[1]), subsets=subsets,
+                                         subset_size=subset_size)
+    metric.update(features_a.double(), real=True)
+    metric.update(features_b.double(), real=False)
+    with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global CPU generator
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+# ---- SWD on Laplacian-pyramid patches (Karras et al. 2018, appendix D) --------------------------
+
+GAUSSIAN_5x5 = torch.outer(torch.tensor([1., 4., 6., 4., 1.]), torch.tensor([1., 4., 6., 4., 1.])) / 256
+
+
+def _blur(x, kernel):
+    channels = x.shape[1]
+    x = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    return F.conv2d(x, kernel.to(x).expand(channels, 1, 5, 5), groups=channels)
+
+
+def pyramid_down(x):  # as cv2.pyrDown
+    return _blur(x, GAUSSIAN_5x5)[:, :, ::2, ::2]
+
+
+def pyramid_up(x):  # as cv2.pyrUp
+    n, c, h, w = x.shape
+    up = x.new_zeros(n, c, 2 * h, 2 * w)
+    up[:, :, ::2, ::2] = x
+    return _blur(up, GAUSSIAN_5x5 * 4)
+
+
+def laplacian_pyramid(images, num_levels):
+    """Band-pass levels from fine to coarse; the last level is the low-pass image itself."""
+    pyramid = [images.float()]
+    for _ in range(1, num_levels):
+        pyramid.append(pyramid_down(pyramid[-1]))
+        pyramid[-2] = pyramid[-2] - pyramid_up(pyramid[-1])
+    return pyramid
+
+
+def patch_descriptors(level, patches_per_image, patch_size, generator):
+    """patches_per_image random patch_size^2 neighbourhoods of each image -> M x C x size x size."""
+    n, _, size, _ = level.shape
+    windows = level.unfold(2, patch_size, 1).unfold(3, patch_size, 1)  # a view: N x C x Y x X x 7 x 7
+    image = torch.arange(n).repeat_interleave(patches_per_image)
+    y = torch.randint(0, size - patch_size + 1, (len(image),), generator=generator)
+    x = torch.randint(0, size - patch_size + 1, (len(image),), generator=generator)
+    return windows[image, :, y, x]
+
+
+def sliced_wasserstein_distance(reference, image_sets, seed=0, device="cpu", patch_size=7,
+                                patches_per_image=128, directions=512, directions_per_batch=128,
+                                min_resolution=16):
+    """SWD x1e3 of each image set against the reference, per pyramid level and averaged.
+
+    All sets must hold the same number of images (the 1-D Wasserstein distance is then the mean
+    gap between sorted projections). As in the paper: levels down to 16x16, 128 7x7 patches per
+    image, 4 x 128 random unit directions. One change: Karras et al. normalise each set's patches
+    by that set's own per-channel mean and std, which makes SWD blind to a global colour or
+    contrast shift; we normalise every set with the reference's statistics, so such a shift counts.
+    Returns [{"32": ..., "16": ..., "avg": ...} for each image set].
+    """
+    size = reference.shape[-1]
+    resolutions = [size >> i for i in range(int(math.log2(size)) + 1) if size >> i >= min_resolution]
+    if not resolutions:
+        raise UserError(f"SWD needs images of at least {min_resolution}x{min_resolution}, got {size}x{size}")
+    for images in image_sets:
+        assert len(images) == len(reference), "SWD compares sets of the same size"
+    pyramids = [laplacian_pyramid(images, len(resolutions)) for images in [reference, *image_sets]]
+    results = [{} for _ in image_sets]
+    for level, resolution in enumerate(resolutions):
+        # Every set takes its patches at the same random positions and is projected on the same
+        # random directions (common random numbers): identical sets score exactly 0, and a set's
+        # score does not depend on which other sets are scored with it.
+        descriptors = [patch_descriptors(p[level], patches_per_image, patch_size,
+                                         torch.Generator().manual_seed(seed * 1000 + level))
+                       for p in pyramids]
+        generator = torch.Generator().manual_seed(seed * 1000 + 500 + level)
+        mean = descriptors[0].mean(dim=(0, 2, 3), keepdim=True)
+        std = descriptors[0].std(dim=(0, 2, 3), keepdim=True, correction=0).clamp_min(1e-8)
+        descriptors = [((d - mean) / std).flatten(1).to(device) for d in descriptors]
+        distance = torch.zeros(len(image_sets), dtype=torch.float64)
+        for _ in range(0, directions, directions_per_batch):
+            direction = torch.randn(descriptors[0].shape[1], directions_per_batch, generator=generator)
+            direction = (direction / direction.norm(dim=0, keepdim=True)).to(device)
+            projected_reference = sorted_projections(descriptors[0], direction)
+            for i, d in enumerate(descriptors[1:]):
+                projected = sorted_projections(d, direction)
+                distance[i] += (projected - projected_reference).abs().mean().item() * directions_per_batch
+        for i in range(len(image_sets)):
+            results[i][str(resolution)] = distance[i].item() / directions * 1e3
+        del descriptors
+    for r in results:
+        r["avg"] = sum(r.values()) / len(r)
+    return results
+
+
+def sorted_projections(descriptors, direction):
+    """Projections of M descriptors on K directions, each direction's sorted: K x M."""
+    projected = direction.T @ descriptors.T
+    if projected.device.type == "cpu":  # numpy's vectorised sort is about 10x faster than torch's on a CPU
+        return torch.from_numpy(np.sort(projected.numpy(), axis=1))
+    return projected.sort(dim=1).values
+
+
+# ---- nearest neighbours: precision/recall and memorisation -------------------------------------
+
+def pixels(images):
+    """uint8 images -> float N x (3*H*W) in [0, 1]: the space of the memorisation distances."""
+    return images.flatten(1).float() / 255
+
+
+@torch.no_grad()
+def k_nearest_distances(queries, points, k, device="cpu", query_chunk=1024, point_chunk=8192, desc=None):
+    """The k smallest L2 distances from each query to `points`, sorted: N_q x k.
+
+    Chunked so that 10,000 queries against 50,000 points never hold the full distance matrix.
+    Candidates are found with ||q||^2 + ||p||^2 - 2 q.p (one matmul), then their distances are
+    recomputed directly, so that an exact copy is at distance 0, not at float32 rounding noise.
+    """
+    centre = points.float().mean(dim=0)  # centring keeps the matmul form accurate
+    points = (points.float() - centre).to(device)
+    points_sq = points.square().sum(dim=1)
+    out = []
+    chunks = range(0, len(queries), query_chunk)
+    for start in tqdm(chunks, desc=desc, file=sys.stderr) if desc else chunks:
+        q = (queries[start:start + query_chunk].float() - centre).to(device)
+        q_sq = q.square().sum(dim=1, keepdim=True)
+        best_d2 = torch.full((len(q), k), math.inf, device=device)
+        best_index = torch.zeros((len(q), k), dtype=torch.long, device=device)
+        for p_start in range(0, len(points), point_chunk):
+            p = points[p_start:p_start + point_chunk]
+            d2 = q_sq + points_sq[p_start:p_start + point_chunk] - 2 * q @ p.T
+            index = torch.arange(p_start, p_start + len(p), device=device).expand(len(q), -1)
+            best_d2, position = torch.cat([best_d2, d2], dim=1).topk(k, dim=1, largest=False)
+            best_index = torch.cat([best_index, index], dim=1).gather(1, position)
+        exact = (q[:, None, :] - points[best_index]).norm(dim=2)
+        out.append(exact.sort(dim=1).values.cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def inside_any_ball(queries, centres, radii, device="cpu", query_chunk=1024, centre_chunk=8192):
+    """For each query: is it within radii[j] of some centres[j]? (boolean N_q)"""
+    centre_mean = centres.float().mean(dim=0)
+    centres = (centres.float() - centre_mean).to(device)
+    centres_sq = centres.square().sum(dim=1)
+    radii_sq = radii.to(device).float().square()
+    out = []
+    for start in range(0, len(queries), query_chunk):
+        q = (queries[start:start + query_chunk].float() - centre_mean).to(device)
+        q_sq = q.square().sum(dim=1, keepdim=True)
+        inside = torch.zeros(len(q), dtype=torch.bool, device=device)
+        for c_start in range(0, len(centres), centre_chunk):
+            c = slice(c_start, c_start + centre_chunk)
+            d2 = (q_sq + centres_sq[c] - 2 * q @ centres[c].T).clamp_min(0)
+            inside |= (d2 <= radii_sq[c]).any(dim=1)
+        out.append(inside.cpu())
+    return torch.cat(out)
+
+
+def precision_recall(real, fake, k=K_NEAREST, device="cpu"):
+    """Improved precision and recall (Kynkaanniemi et al. 2019, eq. 1 and 2).
+
+    The manifold of a set is the union of balls around its points, each with the radius of the
+    point's k-th nearest neighbour in the set. Precision: share of fake points inside the real
+    manifold. Recall: share of real points inside the fake manifold.
+    """
+    # k + 1 nearest: each point is its own nearest neighbour, at distance 0.
+    real_radii = k_nearest_distances(real, real, k + 1, device)[:, k]
+    fake_radii = k_nearest_distances(fake, fake, k + 1, device)[:, k]
+    precision = inside_any_ball(fake, real, real_radii, device).float().mean().item()
+    recall = inside_any_ball(real, fake, fake_radii, device).float().mean().item()
+    return precision, recall
+
+
+def memorisation(samples, test, reference, device="cpu"):
+    """Share of samples nearer to a training image than the 1st percentile of test images are.
+
+    Returns {"share": pair, "median": pair} where pair = {"samples": ..., "floor": ...}; the floor
+    of the share is about MEMORISATION_PERCENTILE by construction.
+    """
+    reference = pixels(reference)
+    test_nearest = k_nearest_distances(pixels(test), reference, 1, device, desc="nearest train image, test")[:, 0]
+    sample_nearest = k_nearest_distances(pixels(samples), reference, 1, device,
+                                         desc="nearest train image, samples")[:, 0]
+    threshold = torch.quantile(test_nearest, MEMORISATION_PERCENTILE)
+    return {"share": pair((sample_nearest < threshold).float().mean().item(),
+                          (test_nearest < threshold).float().mean().item()),
+            "median": pair(sample_nearest.median().item(), test_nearest.median().item()),
+            "threshold": threshold.item()}
+
+
+# ---- input and output --------------------------------------------------------------------------
+
+def load_folder(path, flag, skip_bad_images=False):
+    try:
+        return load_image_folder(path, skip_bad_images=skip_bad_images)
+    except DatasetError as e:
+        raise DatasetError(f"{flag}: {e}") from None
+
+
+def random_subset(images, n, generator):
+    if n >= len(images):
+        return images
+    return images[torch.randperm(len(images), generator=generator)[:n]]
+
+
+def config_as_dict(config):
+    import dataclasses
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+ROWS = [  # key, label, format
+    ("fid", "FID", ".2f"),
+    ("kid_x1e3", "KID x1e3", ".2f"),
+    ("swd_x1e3_32", "SWD x1e3, 32x32 level (fine detail)", ".2f"),
+    ("swd_x1e3_16", "SWD x1e3, 16x16 level (coarse image)", ".2f"),
+    ("swd_x1e3_avg", "SWD x1e3, average", ".2f"),
+    ("precision", "precision (k=3, {space})", ".3f"),
+    ("recall", "recall (k=3, {space})", ".3f"),
+    ("memorised_share", "memorised share", ".4f"),
+    ("nearest_train_l2_median", "nearest train image, median L2", ".3f"),
+]
+
+
+def number(value, fmt):
+    text = f"{value:{fmt}}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.00" from rounding
+
+
+def format_table(report):
+    metrics = report["metrics"]
+    space = report["precision_recall_features"]
+    n = report["n"]
+    source = report["samples"].get("checkpoint") or report["samples"]["dir"]
+    title = (f"{source}: {n} samples; floor: {n} images of {report['test']['dir']}; "
+             f"reference: {report['reference']['dir']} ({report['reference']['images']} images)")
+    lines = [("metric", f"samples (N={n})", f"floor: test vs train (N={n})")]
+    for key, label, fmt in ROWS:
+        if key not in metrics:
+            continue
+        cells = []
+        for column in ("samples", "floor"):
+            value = metrics[key][column]
+            if value is None:
+                cells.append("skipped")
+            elif key == "kid_x1e3":
+                cells.append(f"{number(value, fmt)} +- {number(metrics['kid_x1e3_std'][column], fmt)}")
+            else:
+                cells.append(number(value, fmt))
+        lines.append((label.format(space=space), *cells))
+    widths = [max(len(line[i]) for line in lines) for i in range(3)]
+    rows = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in lines]
+    rows.insert(1, "-" * len(rows[0]))
+    return "\n".join([title, *rows])
+
+
+if __name__ == "__main__":
+    main()

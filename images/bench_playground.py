@@ -1,0 +1,389 @@
+"""How many playground-v2.5 images per hour: the seed's way against ours, and cheaper settings.
+
+The network is the full-size playground-v2.5 architecture (the same as SDXL: UNet2DConditionModel
+with SDXL's configuration, SDXL's AutoencoderKL, the CLIP ViT-L and OpenCLIP ViT-bigG text encoders)
+with RANDOM weights in fp16, built from the configurations written out below: nothing is
+downloaded, and the timing of a network does not depend on its weight values. With --model_name
+the real weights are loaded instead, and 32x32 sample grids are saved beside each setting.
+
+What is timed is the whole loop a user runs: pipeline calls (text encoders, UNet steps, VAE decode
+to PIL images) and the PNG writing.
+- seed: one image per call, prompt re-encoded each call, PNG saved before the next call, eager
+  fp16 (images/generate_image.py of the seed).
+- ours: images/generate_image.py's loop: --batch_size images per call, one CPU generator per
+  image, PNGs written on background threads (drained at the end of every timed loop, so the last
+  batch's writing counts against us), cuDNN autotuning; optionally channels_last and torch.compile.
+Each setting is timed at two small step counts (after warm-up calls, with CUDA synchronised), and
+the per-image time is fitted as fixed + steps * per_step, which extrapolates to 25 and 50 steps
+without running them all (only the scheduler's step count changes, not the work per step). The
+seed's setting is also run once at its full 50 steps to check the fit.
+
+    python images/bench_playground.py                    # CUDA: about 3 to 4 minutes on an H100
+    python images/bench_playground.py --tiny --device cpu  # tiny configurations, checks the code
+Writes <out>/bench_playground.json and .md (the table, also printed).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import generate_image  # noqa: E402
+from downsample import downsample_image  # noqa: E402
+
+PROMPT = generate_image.DEFAULT_PROMPT
+
+# playground-v2.5 = SDXL's architecture. UNet: 2.57 B parameters, latents 4 x 128 x 128 at 1024 px.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)  # 6 size/crop numbers x 256 + pooled bigG text (1280)
+# SDXL's VAE (84 M); playground-v2.5 rescales its latents with scaling factor 0.5 and a
+# per-channel mean and std (the EDM-style latent normalisation).
+SDXL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
+    norm_num_groups=32, sample_size=1024, scaling_factor=0.5, force_upcast=True,
+    latents_mean=[-1.6574, 1.886, -1.383, 2.5155], latents_std=[8.4927, 5.9022, 6.6792, 7.0])
+# CLIP ViT-L/14 text encoder (123 M) and OpenCLIP ViT-bigG/14 text encoder with projection (695 M).
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIG_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                  num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+
+# --tiny: the same classes, small enough to run on a CPU in seconds.
+TINY_UNET = dict(SDXL_UNET, sample_size=16, block_out_channels=(16, 32), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1),
+                 attention_head_dim=(2, 4), norm_num_groups=8, cross_attention_dim=32, addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + 16)
+TINY_VAE = dict(SDXL_VAE, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=32)
+TINY_CLIP = dict(CLIP_L, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 projection_dim=16)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Images per hour of playground-v2.5 generation: seed vs ours.")
+    parser.add_argument("--out", default="generated", help="folder for bench_playground.json/.md and grids")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny configurations (for a CPU check of the code)")
+    parser.add_argument("--model_name", default=None,
+                        help="load real weights (hub id or folder) instead of random ones; also saves sample grids")
+    parser.add_argument("--batch_size", type=int, default=4,
+                        help="our batch size at full resolution (images/generate_image.py's default); "
+                             "twice it is timed too")
+    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--compile", type=generate_image.parse_bool, nargs="?", const=True, default=True,
+                        help="also time the torch.compile'd UNet (slow to compile: skipped if the budget is short)")
+    parser.add_argument("--grids", type=generate_image.parse_bool, nargs="?", const=True, default=None,
+                        help="save 32x32 sample grids per setting (default: with --model_name or --tiny)")
+    parser.add_argument("--time_budget", type=float, default=225,
+                        help="seconds; settings that would start too late are skipped and say so")
+    return parser.parse_args(argv)
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP byte-level alphabet: every byte gets a printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def byte_level_tokenizers(folder):
+    """CLIP tokenizers over the 256 byte characters (+ end-of-word forms and the two specials):
+    the real 49408-token vocabulary needs a download, and the encoders see 77 tokens either way."""
+    from transformers import CLIPTokenizer
+
+    characters = list(bytes_to_unicode().values())
+    vocab = {token: i for i, token in enumerate(characters + [c + "</w>" for c in characters])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    files = (os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    return (CLIPTokenizer(*files, model_max_length=77), CLIPTokenizer(*files, model_max_length=77, pad_token="!"),
+            vocab["<|startoftext|>"], vocab["<|endoftext|>"])
+
+
+def random_pipeline(tiny, device, dtype, scratch):
+    """playground-v2.5's architecture with random weights, built directly on `device`."""
+    from diffusers import AutoencoderKL, EDMDPMSolverMultistepScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2, bos, eos = byte_level_tokenizers(scratch)
+    ids = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=1)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**(TINY_UNET if tiny else SDXL_UNET))
+        vae = AutoencoderKL(**(TINY_VAE if tiny else SDXL_VAE))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**(TINY_CLIP if tiny else CLIP_L), **ids))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**(TINY_CLIP if tiny else CLIP_BIG_G), **ids))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=EDMDPMSolverMultistepScheduler(), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_loop(pipe, count, directory, steps, guidance_scale, size):
+    """The seed's loop: one image per call, saved before the next call starts."""
+    for k in range(count):
+        image = pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=guidance_scale,
+                     height=size, width=size).images[0]
+        image.save(os.path.join(directory, f"{k}.png"))
+
+
+def our_loop(pipe, count, directory, steps, guidance_scale, size, batch_size):
+    """images/generate_image.py's loop."""
+    writer = generate_image.PngWriter(directory)
+    generate_image.generate(pipe, list(range(count)), writer, prompt=PROMPT, seed=0, batch_size=batch_size,
+                            num_inference_steps=steps, guidance_scale=guidance_scale, height=size, width=size)
+    writer.close()
+
+
+def time_loop(loop, device, **kwargs):
+    synchronize(device)
+    start = time.perf_counter()
+    loop(**kwargs)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(pipe, setting, device, scratch, step_points, warmups):
+    """Seconds per image as fixed + steps * per_step, from loops at two step counts."""
+    s_lo, s_hi = step_points
+    batch = setting["batch_size"]
+    count = batch * max(1, math.ceil(2 / batch))  # at least 2 images, whole batches
+    directory = tempfile.mkdtemp(dir=scratch)
+    if setting["seed_loop"]:
+        loop = dict(loop=seed_loop, pipe=pipe, directory=directory, guidance_scale=setting["guidance_scale"],
+                    size=setting["size"])
+    else:
+        loop = dict(loop=our_loop, pipe=pipe, directory=directory, guidance_scale=setting["guidance_scale"],
+                    size=setting["size"], batch_size=batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    for _ in range(warmups):  # cuDNN autotuning, torch.compile, allocator growth
+        time_loop(device=device, count=batch, steps=s_lo, **loop)
+    warmup_s = time.perf_counter() - started
+    t_lo = time_loop(device=device, count=count, steps=s_lo, **loop) / count
+    t_hi = time_loop(device=device, count=count, steps=s_hi, **loop) / count
+    shutil.rmtree(directory, ignore_errors=True)
+    per_step = (t_hi - t_lo) / (s_hi - s_lo)
+    result = dict(fixed_s_per_image=t_lo - s_lo * per_step, step_s_per_image=per_step,
+                  timed_images_per_point=count, step_points=[s_lo, s_hi], warmup_s=round(warmup_s, 1))
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return result
+
+
+def grid(pipe, setting, count, scratch):
+    """count images of `setting` (indices 0.., seed 0), each downsampled to 32x32, in one row-major grid."""
+    directory = tempfile.mkdtemp(dir=scratch)
+    our_loop(pipe, count, directory, setting["steps_for_grid"], setting["guidance_scale"], setting["size"],
+             min(setting["batch_size"], count))
+    tiles = [downsample_image(Image.open(os.path.join(directory, f"{i}.png")), 32, 32) for i in range(count)]
+    columns = 8
+    rows = math.ceil(count / columns)
+    sheet = Image.new("RGB", (32 * columns, 32 * rows), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, (32 * (i % columns), 32 * (i // columns)))
+    shutil.rmtree(directory, ignore_errors=True)
+    return sheet
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    wall_start = time.perf_counter()
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # random weights may give NaN pixels
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA GPU is visible; "
+                         "for a CPU check run with --tiny --device cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny ops gain nothing from threads; on a busy machine they distort timings
+    full, half = (32, 16) if args.tiny else (1024, 512)
+    make_grids = args.grids if args.grids is not None else bool(args.model_name or args.tiny)
+    os.makedirs(args.out, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="bench_playground_")
+
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    built = time.perf_counter()
+    if args.model_name:
+        pipe = generate_image.load_pipeline(args.model_name, variant="fp16", dtype=dtype, device=device,
+                                            local_files_only=False)
+        pipe.vae.disable_slicing()  # the seed's pipeline as it loads; ours turns slicing on below
+    else:
+        pipe = random_pipeline(args.tiny, device, dtype, scratch)
+    build_s = time.perf_counter() - built
+    # full size: unet 2,567,463,684, vae 83,653,863, text_encoder 123,060,480, text_encoder_2 694,659,840
+    parameters = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+                  for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    print(f"pipeline ready in {build_s:.0f} s ({'random' if not args.model_name else args.model_name} weights, "
+          f"{str(dtype).replace('torch.', '')}, {device})", flush=True)
+
+    eager_unet = pipe.unet
+    b = args.batch_size
+    g = args.guidance_scale
+    plain = dict(seed_loop=False, compile=False, guidance_scale=g, size=full, batch_size=b)
+    # In order of importance: a later setting is the first to go when the time budget runs short.
+    settings = [
+        dict(plain, name="seed", what="seed: batch 1, eager, PNG saved in the loop", batch_size=1, seed_loop=True),
+        dict(plain, name="ours", what=f"ours: batch {b}, eager"),
+        dict(plain, name="ours_compiled", what=f"ours: batch {b}, channels_last, torch.compile(UNet)", compile=True),
+        dict(plain, name="ours_half_size", what=f"ours at {half}x{half}: batch {2 * b}, eager", size=half,
+             batch_size=2 * b),
+        dict(plain, name="ours_no_cfg", what=f"ours, guidance 1 (no classifier-free guidance): batch {b}, eager",
+             guidance_scale=1.0),
+        dict(plain, name="ours_batch_2x", what=f"ours: batch {2 * b}, eager", batch_size=2 * b),
+    ]
+    if not args.compile:
+        settings = [s for s in settings if not s["compile"]]
+    step_points = (2, 6) if args.tiny else (3, 11)
+    rows = []
+    for setting in settings:
+        elapsed = time.perf_counter() - wall_start
+        needed = 150 if setting["compile"] else 25
+        if not args.tiny and elapsed + needed > args.time_budget:
+            print(f"skipped {setting['name']}: {elapsed:.0f} s used of the {args.time_budget:.0f} s budget", flush=True)
+            rows.append(dict(setting, skipped=f"time budget ({elapsed:.0f} s used, ~{needed} s needed)"))
+            continue
+        if setting["seed_loop"]:
+            pipe.vae.disable_slicing()
+        else:
+            pipe.vae.enable_slicing()
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = True  # the seed ran without it, so it is set after
+        if setting["compile"]:
+            generate_image.speed_up(pipe, channels_last=True, compile_unet=True)
+        try:
+            result = measure(pipe, setting, device, scratch, step_points, warmups=2 if setting["compile"] else 1)
+        except Exception as error:  # one failed setting (say, out of memory) must not lose the others
+            message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+            print(f"{setting['name']} failed: {message}", flush=True)
+            rows.append(dict(setting, error=message))
+            result = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if setting["compile"]:  # back to the eager UNet as it was, for the settings after this one
+            pipe.unet = eager_unet
+            pipe.unfuse_qkv_projections()
+            eager_unet.to(memory_format=torch.contiguous_format)
+        if result is None:
+            continue
+        rows.append(dict(setting, **result))
+        print(f"{setting['name']}: {result['fixed_s_per_image']:.3f} s + steps x {result['step_s_per_image']:.4f} s "
+              f"per image (warm-up {result['warmup_s']} s)", flush=True)
+        if setting["seed_loop"]:  # check the straight-line fit once, at the full 50 steps
+            directory = tempfile.mkdtemp(dir=scratch)
+            measured = time_loop(seed_loop, device, pipe=pipe, count=1, directory=directory, steps=50,
+                                 guidance_scale=g, size=full)
+            rows[-1]["measured_50_steps_s_per_image"] = measured
+            print(f"seed at 50 steps: measured {measured:.2f} s, fit "
+                  f"{result['fixed_s_per_image'] + 50 * result['step_s_per_image']:.2f} s", flush=True)
+        write_report(args, rows, {}, device, dtype, parameters, build_s, wall_start)
+
+    grids = {}
+    report = write_report(args, rows, grids, device, dtype, parameters, build_s, wall_start)
+    if make_grids:
+        for size, steps, guidance in ((full, 50, g), (full, 25, g), (half, 50, g), (half, 25, g), (full, 50, 1.0)):
+            if not args.tiny and time.perf_counter() - wall_start > args.time_budget + 120:
+                break
+            name = f"bench_playground_grid_{size}px_{steps}steps" + ("_nocfg" if guidance == 1.0 else "") + ".png"
+            setting = dict(size=size, steps_for_grid=steps, guidance_scale=guidance,
+                           batch_size=b if size == full else 2 * b)
+            try:
+                grid(pipe, setting, 8 if args.tiny else 16, scratch).save(os.path.join(args.out, name))
+            except Exception as error:
+                print(f"grid {name} failed: {type(error).__name__}: {error}", flush=True)
+                continue
+            grids[f"{size}px, {steps} steps, guidance {guidance}"] = name
+        report = write_report(args, rows, grids, device, dtype, parameters, build_s, wall_start)
+    print("\n" + report["heading"] + report["table"])
+    print(f"\nwritten: {os.path.join(args.out, 'bench_playground.json')}, bench_playground.md"
+          + (f", {len(grids)} grids" if grids else "") + f"; total {report['total_s']:.0f} s")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_report(args, rows, grids, device, dtype, parameters, build_s, wall_start):
+    """bench_playground.json and .md in --out, rewritten after every setting: a crash keeps what was measured."""
+    import diffusers
+
+    report = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__, diffusers=diffusers.__version__, cuda=torch.version.cuda,
+        weights=args.model_name or "random", architecture="tiny" if args.tiny else "playground-v2.5 (SDXL) full size",
+        parameters=parameters, dtype=str(dtype).replace("torch.", ""), prompt=PROMPT, build_s=round(build_s, 1),
+        total_s=round(time.perf_counter() - wall_start, 1),
+        method=("per-image time = fixed + steps * per_step, fitted from two timed loops at step_points "
+                "(whole pipeline calls incl. text encoders, VAE decode, PIL, PNG writing), extrapolated to "
+                "25 and 50 steps; images per hour = 3600 / seconds per image"),
+        settings=rows, table=build_table(rows), grids=grids)
+    report["heading"] = (f"playground-v2.5 generation, {report['device']}, {report['dtype']}, {report['weights']} "
+                         f"weights, torch {report['torch']}, diffusers {report['diffusers']}, {report['date']}\n\n")
+    with open(os.path.join(args.out, "bench_playground.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    with open(os.path.join(args.out, "bench_playground.md"), "w") as f:
+        f.write(report["heading"] + report["table"] + "\n")
+    return report
+
+
+def build_table(rows):
+    """Markdown table: every measured setting at 50 and 25 steps, with the speed-up over the
+    seed's setting at the same steps and size."""
+    seed = next((r for r in rows if r["name"] == "seed" and "fixed_s_per_image" in r), None)
+    lines = ["| setting | size | steps | s/image | images/hour | vs seed (same steps, size) | peak GPU memory |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "fixed_s_per_image" not in row or row["step_s_per_image"] <= 0:
+            reason = row.get("skipped") or row.get("error") or "timing noise (time per step <= 0): rerun"
+            lines.append(f"| {row['what']} | {row['size']} | - | - | - | {reason} | - |")
+            continue
+        for steps in (50, 25):
+            seconds = row["fixed_s_per_image"] + steps * row["step_s_per_image"]
+            vs = "-"
+            if seed and row["size"] == seed["size"]:
+                vs = f"{(seed['fixed_s_per_image'] + steps * seed['step_s_per_image']) / seconds:.2f}x"
+            memory = f"{row['peak_memory_gib']} GiB" if "peak_memory_gib" in row else "-"
+            lines.append(f"| {row['what']} | {row['size']} | {steps} | {seconds:.3f} | {3600 / seconds:,.0f} | "
+                         f"{vs} | {memory} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Shared fixtures. Visdom: a real visdom server on a free loopback port, and one tiny training
+run that logs to it (used by test_visdom.py and test_browser.py)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VisdomServer:
+    """`python -m visdom.server` bound to 127.0.0.1. Its environment points every proxy at a
+    closed port, so a server that tried to fetch its front-end from a CDN would log errors."""
+
+    def __init__(self, directory, port=None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env_path = os.path.join(directory, "envs")
+        self.log_path = os.path.join(directory, "visdom_server.log")
+        self.proc = None
+
+    def start(self, timeout=60):
+        from visdom_logger import server_answers
+        dead = "http://127.0.0.1:9"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead,
+                   HTTPS_PROXY=dead, no_proxy="", NO_PROXY="")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "visdom.server", "-port", str(self.port), "-bind_local",
+                                          "-env_path", self.env_path], stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + timeout
+        while not server_answers(self.port):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                pytest.fail(f"visdom server did not start on port {self.port}:\n{self.log()[-2000:]}")
+            time.sleep(0.2)
+        return self
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def window(self, env, win):
+        """A window's data as the server holds it, read through visdom's own client."""
+        import visdom
+        client = visdom.Visdom(server="http://127.0.0.1", port=self.port, env=env, use_incoming_socket=False,
+                               raise_exceptions=True)
+        return json.loads(client.get_window_data(win, env=env))
+
+
+@pytest.fixture
+def visdom_server_factory(tmp_path):
+    """Start (and later stop) as many servers as a test needs: factory(port=None)."""
+    servers = []
+
+    def start(port=None):
+        directory = tmp_path / f"visdom{len(servers)}"
+        directory.mkdir()
+        servers.append(VisdomServer(str(directory), port).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def visdom_server(tmp_path_factory):
+    server = VisdomServer(str(tmp_path_factory.mktemp("visdom"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def visdom_image_dirs(tmp_path_factory):
+    """8 train and 8 validation avatars (32x32 PNG)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from testkit import make_avatar_folder
+    root = tmp_path_factory.mktemp("visdom_data")
+    return make_avatar_folder(root / "train", 8), make_avatar_folder(root / "val", 8, first_index=1_000_000)
+
+
+@pytest.fixture(scope="session")
+def visdom_train_command(visdom_image_dirs):
+    """command(run_dir, port, *extra): the train.py command line of a tiny CPU run, batches of 4
+    (2 steps an epoch), that logs to visdom."""
+    if not os.path.exists(os.path.join(REPO, "train.py")):
+        pytest.skip("train.py is not written yet")
+
+    def command(run_dir, port, *extra):
+        return [sys.executable, os.path.join(REPO, "train.py"), "--preset", "tiny",
+                "--train_dataset_directory", visdom_image_dirs[0], "--validate_dataset_directory", visdom_image_dirs[1],
+                "--model_checkpoint_dir", str(run_dir), "--device", "cpu", "--batch_size", "4",
+                "--visdom_port", str(port), *map(str, extra)]
+    return command
+
+
+@pytest.fixture(scope="session")
+def visdom_trained_run(visdom_server, visdom_train_command, tmp_path_factory):
+    """train.py --preset tiny for one epoch of 2 steps and a validation, logging every step to
+    visdom. Returns (server, run_dir, run name, the finished process)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny_visdom_run"
+    result = subprocess.run(visdom_train_command(run_dir, visdom_server.port, "--log_every", 1, "--validate_every", 1,
+                                                 "--num_epochs", 1),
+                            cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return visdom_server, str(run_dir), os.path.basename(run_dir), result

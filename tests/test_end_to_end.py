@@ -1,0 +1,36 @@
+"""The README's quick start through the shell launchers, on tiny data, in a copy of the repo."""
+import os
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from testkit import REPO, run
+
+
+def test_train_then_generate_through_the_launchers(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO, repo, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "checkpoints", "generated", "*_images_downsample", "*_images", "__pycache__", ".pytest_cache",
+        ".whl", ".devdata", "models"))
+    os.symlink(os.path.join(REPO, ".venv"), repo / ".venv")  # install.sh finds it up to date
+
+    result = run(["bash", "train_UNet.sh", "--preset", "tiny", "--device", "cpu", "--no_visdom", "--max_steps", 6],
+                 cwd=repo, env={"NUM_TRAIN": "32", "NUM_TEST": "16"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "building the default data set" in result.stdout
+    assert len(os.listdir(repo / "images" / "train_images_downsample")) == 32
+    assert len(os.listdir(repo / "images" / "test_images_downsample")) == 16
+    assert (repo / "checkpoints" / "latest_model.pth").exists()
+
+    result = run(["bash", "generate.sh", "--device", "cpu", "--steps", 3], cwd=repo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grid = np.asarray(Image.open(repo / "generated" / "generated_images_8x4.png"))
+    assert grid.shape == (128, 256, 3)
+    assert len(np.unique(grid.reshape(-1, 3), axis=0)) > 100
+
+    # A second launch resumes instead of rebuilding the data or starting over.
+    result = run(["bash", "train_UNet.sh", "--preset", "tiny", "--device", "cpu", "--no_visdom", "--max_steps", 8],
+                 cwd=repo, env={"NUM_TRAIN": "32", "NUM_TEST": "16"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "building the default data set" not in result.stdout and "resuming" in result.stdout

@@ -1,0 +1,382 @@
+"""Tests for evaluate.py: each metric on cases with a known answer, then the command line.
+
+The images are small synthetic "avatars" (discs and boxes on white), so every test runs on a CPU in
+seconds; the FID path runs a randomly initialised Inception network on five images per set.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.ndimage
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import evaluate  # noqa: E402
+
+
+def synthetic_images(n, seed):
+    """uint8 n x 3 x 32 x 32: three random filled discs or boxes on white, plus a little noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32]
+    images = np.full((n, 32, 32, 3), 255, dtype=np.float32)
+    for i in range(n):
+        for _ in range(3):
+            colour = rng.uniform(0, 255, 3)
+            cy, cx = rng.uniform(4, 28, 2)
+            r = rng.uniform(3, 9)
+            if rng.random() < 0.5:
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            else:
+                mask = (abs(yy - cy) <= r) & (abs(xx - cx) <= r * rng.uniform(0.4, 1))
+            images[i][mask] = colour
+    images += rng.normal(0, 4, images.shape)
+    return torch.from_numpy(images.clip(0, 255).round().astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+
+
+def blurred(images):
+    return evaluate._blur(images.float(), evaluate.GAUSSIAN_5x5).round().clamp(0, 255).to(torch.uint8)
+
+
+def colour_shifted(images):
+    return (images.float() + torch.tensor([40.0, -40.0, 0.0]).view(1, 3, 1, 1)).clamp(0, 255).to(torch.uint8)
+
+
+def write_folder(folder, images):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    return str(folder)
+
+
+# ---- SWD on Laplacian pyramids -------------------------------------------------------------------
+
+def test_laplacian_pyramid_matches_the_progressive_gan_code():
+    """Karras et al.'s sliced_wasserstein.py builds the pyramid with scipy (cv2.pyrDown/pyrUp)."""
+    gaussian = np.float32([[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, 36, 24, 6],
+                           [4, 16, 24, 16, 4], [1, 4, 6, 4, 1]])[None, None] / 256
+
+    def pyr_down(m):
+        return scipy.ndimage.convolve(m, gaussian, mode="mirror")[:, :, ::2, ::2]
+
+    def pyr_up(m):
+        up = np.zeros((*m.shape[:2], 2 * m.shape[2], 2 * m.shape[3]), m.dtype)
+        up[:, :, ::2, ::2] = m
+        return scipy.ndimage.convolve(up, gaussian * 4, mode="mirror")
+
+    images = synthetic_images(4, seed=0)
+    reference = [images.numpy().astype(np.float32)]
+    for _ in range(2):
+        reference.append(pyr_down(reference[-1]))
+        reference[-2] -= pyr_up(reference[-1])
+    ours = evaluate.laplacian_pyramid(images, 3)
+    assert [tuple(level.shape[-2:]) for level in ours] == [(32, 32), (16, 16), (8, 8)]
+    for theirs, mine in zip(reference, ours):
+        np.testing.assert_allclose(mine.numpy(), theirs, atol=1e-3)
+    # band-pass levels plus the low-pass level add back up to the image
+    rebuilt = ours[2]
+    for level in reversed(ours[:2]):
+        rebuilt = level + evaluate.pyramid_up(rebuilt)
+    np.testing.assert_allclose(rebuilt.numpy(), images.numpy(), atol=1e-3)
+
+
+def test_swd_levels_and_sensitivity():
+    reference, same = synthetic_images(256, seed=1), synthetic_images(256, seed=2)
+    same_result, blur_result, shift_result = evaluate.sliced_wasserstein_distance(
+        reference, [same, blurred(same), colour_shifted(same)], seed=0)
+    assert list(same_result) == ["32", "16", "avg"]
+    assert same_result["avg"] == pytest.approx((same_result["32"] + same_result["16"]) / 2)
+    assert 0 < same_result["avg"] < 60
+    assert blur_result["32"] > 10 * same_result["32"]        # blur removes the fine band
+    assert shift_result["16"] > 3 * same_result["16"]        # a colour shift moves the coarse band
+    # the same seed gives the same numbers, whatever other sets are scored alongside
+    again, identical = evaluate.sliced_wasserstein_distance(reference, [same, reference], seed=0)
+    assert again == same_result
+    assert identical == {"32": 0.0, "16": 0.0, "avg": 0.0}  # same patches, same directions
+
+
+# ---- nearest neighbours, precision and recall ----------------------------------------------------
+
+def test_k_nearest_distances_chunked_equal_brute_force():
+    g = torch.Generator().manual_seed(0)
+    queries, points = torch.rand(300, 40, generator=g), torch.rand(1000, 40, generator=g)
+    points[:7] = queries[:7]  # exact copies are at distance 0, not at rounding noise
+    ours = evaluate.k_nearest_distances(queries, points, 4, query_chunk=64, point_chunk=100)
+    brute = torch.cdist(queries.double(), points.double()).topk(4, dim=1, largest=False).values
+    assert ours.shape == (300, 4)
+    assert (ours - brute).abs().max().item() < 1e-5
+    assert ours[:7, 0].tolist() == [0.0] * 7
+
+
+def test_precision_recall_hand_computed():
+    real = torch.arange(10.0).view(-1, 1)  # ball radii (3rd neighbour): 3 at 0 and 9, 2 inside
+    fake = torch.tensor([[0.5], [4.5], [11.5], [20.0], [30.0]])
+    # 0.5 and 4.5 lie in balls; 11.5 is 2.5 from 9, inside its radius 3; 20 and 30 are outside.
+    # Fake radii: 0.5 -> 19.5 covers every real point.
+    assert evaluate.precision_recall(real, fake, k=3) == pytest.approx((0.6, 1.0))
+    # Mode collapse onto 0..3: fake radii 3, 2, 2, 3 cover the real points 0..6.
+    assert evaluate.precision_recall(real, real[:4], k=3) == pytest.approx((1.0, 0.7))
+    assert evaluate.precision_recall(real, real, k=3) == (1.0, 1.0)
+
+
+def test_precision_recall_point_clouds_with_known_overlap():
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+
+    def gaussian(shift=0.0):
+        return torch.randn(n, 2, generator=g) + shift
+
+    real = gaussian()
+    precision, recall = evaluate.precision_recall(real, gaussian())
+    assert precision > 0.95 and recall > 0.95
+    assert evaluate.precision_recall(real, gaussian(20.0)) == (0.0, 0.0)
+    half_far = torch.cat([gaussian()[: n // 2], gaussian(20.0)[: n // 2]])  # half of the samples are junk
+    precision, recall = evaluate.precision_recall(real, half_far)
+    assert 0.45 < precision <= 0.5 and recall > 0.95
+    points = torch.randn(4 * n, 2, generator=g)
+    half_plane = points[points[:, 0] > 0][:n]  # realistic, but half of the data is never produced
+    precision, recall = evaluate.precision_recall(real, half_plane)
+    assert precision > 0.95 and 0.4 < recall < 0.62
+
+
+# ---- Frechet distance and KID --------------------------------------------------------------------
+
+def test_frechet_distance_of_two_gaussians_matches_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    n = 50_000
+    # diagonal covariances: d^2 = |mu1 - mu2|^2 + sum (s1 - s2)^2 = (1 + 4) + (1 + 0.25 + 0) = 6.25
+    a = torch.randn(n, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    b = (torch.randn(n, 3, generator=g, dtype=torch.float64) * torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+         + torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64))
+    assert evaluate.frechet_distance(a, b) == pytest.approx(6.25, abs=0.05)
+    assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+    # full covariances: exactly the closed form of the two sets' fitted Gaussians
+    mix_a = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.3, -0.5, 0.9]], dtype=torch.float64)
+    mix_b = torch.tensor([[0.5, 0.2, 0.0], [0.0, 1.5, 0.0], [0.7, 0.0, 0.4]], dtype=torch.float64)
+    a, b = a[:20_000] @ mix_a.T, b[:20_000] @ mix_b.T
+    mu_a, mu_b = a.mean(0).numpy(), b.mean(0).numpy()
+    sigma_a, sigma_b = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    closed = ((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a + sigma_b - 2 * scipy.linalg.sqrtm(sigma_a @ sigma_b).real)
+    assert evaluate.frechet_distance(a, b) == pytest.approx(float(closed), rel=1e-9)
+
+
+def test_kernel_inception_distance_is_zero_for_one_distribution_and_large_otherwise():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, 4, generator=g), torch.randn(1000, 4, generator=g)
+    same_mean, same_std = evaluate.kernel_inception_distance(a, b, subsets=20, subset_size=200)
+    shifted_mean, _ = evaluate.kernel_inception_distance(a, b + 1.0, subsets=20, subset_size=200)
+    assert abs(same_mean) < 3 * same_std + 0.05
+    assert shifted_mean > 10 * (abs(same_mean) + same_std)
+    assert evaluate.kernel_inception_distance(a, b, subsets=20, subset_size=200) == (same_mean, same_std)
+
+
+# ---- all metrics together: the floor, distortions, memorisation ----------------------------------
+
+@pytest.fixture(scope="module")
+def image_sets():
+    """A reference (train) set of 1024, and test, fresh and training-copy sets of 256."""
+    reference = synthetic_images(1024, seed=1)
+    return {"reference": reference, "test": synthetic_images(256, seed=2), "fresh": synthetic_images(256, seed=3),
+            "copies": reference[:256].clone()}
+
+
+def scores(image_sets, samples):
+    return evaluate.evaluate(samples, image_sets["test"], image_sets["reference"], seed=0)
+
+
+def test_fresh_samples_score_about_the_floor(image_sets):
+    result = scores(image_sets, image_sets["fresh"])
+    m = result["metrics"]
+    assert result["precision_recall_features"] == "pixels"
+    assert m["fid"] == {"samples": None, "floor": None}  # no Inception network given
+    assert 0.5 < m["swd_x1e3_avg"]["samples"] / m["swd_x1e3_avg"]["floor"] < 1.5
+    assert abs(m["precision"]["samples"] - m["precision"]["floor"]) < 0.1
+    assert abs(m["recall"]["samples"] - m["recall"]["floor"]) < 0.1
+    assert m["memorised_share"]["samples"] <= 0.05
+    assert m["memorised_share"]["floor"] == pytest.approx(0.01, abs=0.005)  # the 1st percentile, by construction
+    assert m["nearest_train_l2_median"]["samples"] == pytest.approx(m["nearest_train_l2_median"]["floor"], rel=0.1)
+
+
+@pytest.mark.parametrize("distortion", ["blur", "colour_shift"])
+def test_distorted_samples_score_clearly_worse_than_the_floor(image_sets, distortion):
+    samples = {"blur": blurred, "colour_shift": colour_shifted}[distortion](image_sets["fresh"])
+    m = scores(image_sets, samples)["metrics"]
+    assert m["swd_x1e3_avg"]["samples"] > 3 * m["swd_x1e3_avg"]["floor"]
+    level = "32" if distortion == "blur" else "16"
+    assert m[f"swd_x1e3_{level}"]["samples"] > 4 * m[f"swd_x1e3_{level}"]["floor"]
+    assert m["recall"]["samples"] < m["recall"]["floor"] - 0.2
+
+
+def test_copies_of_training_images_are_memorised(image_sets):
+    m = scores(image_sets, image_sets["copies"])["metrics"]
+    assert m["memorised_share"]["samples"] == 1.0
+    assert m["nearest_train_l2_median"]["samples"] == 0.0
+    half = torch.cat([image_sets["copies"][:128], image_sets["fresh"][:128]])
+    share = evaluate.memorisation(half, image_sets["test"], image_sets["reference"])["share"]
+    assert 0.5 <= share["samples"] <= 0.52
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, image_sets):
+    root = tmp_path_factory.mktemp("evaluate_data")
+    return {name: write_folder(root / name, image_sets[name][:count]) for name, count in
+            (("reference", 64), ("test", 32), ("fresh", 48), ("copies", 16))}
+
+
+def run_main(capsys, *argv):
+    """evaluate.main in this process: (exit code, stdout, stderr)."""
+    try:
+        evaluate.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_image_dir_without_inception_writes_table_and_json(folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no models/ here: the default weights path is missing
+    out_json = tmp_path / "eval.json"
+    code, out, err = run_main(capsys, "--image_dir", folders["fresh"], "--reference_dir", folders["reference"],
+                              "--test_dir", folders["test"], "--output_json", out_json, "--no_download",
+                              "--device", "cpu")
+    assert code == 0, err
+    assert "FID skipped: put pt_inception-2015-12-05-6726825d.pth in models/\n" in out
+    assert "using 32 of the 48 samples: samples and floor use the same N" in out
+    report = json.loads(out_json.read_text())
+    assert report["n"] == 32
+    assert report["samples"] == {"dir": folders["fresh"], "images": 48}
+    assert report["reference"]["images"] == 64 and report["test"]["images"] == 32
+    assert report["precision_recall_features"] == "pixels"
+    assert report["metrics"]["fid"] == {"samples": None, "floor": None}
+    table = out[out.index("metric"):]
+    for key, label, fmt in evaluate.ROWS:
+        row = next(line for line in table.splitlines() if line.startswith(label.format(space="pixels")))
+        values = report["metrics"][key]
+        if values["samples"] is None:
+            assert row.split()[-2:] == ["skipped", "skipped"], row
+        else:
+            assert row.split()[-2:] == [f"{values['samples']:{fmt}}", f"{values['floor']:{fmt}}"], row
+    assert "samples (N=32)" in table and "floor: test vs train (N=32)" in table
+
+
+def test_fid_path_runs_with_a_random_inception_state_dict(folders, tmp_path, capsys):
+    import torchvision
+    torch.manual_seed(0)
+    network = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    weights = tmp_path / "random_inception.pth"
+    torch.save(network.state_dict(), weights)  # the layout of pt_inception-2015-12-05-6726825d.pth
+    small = {name: write_folder(tmp_path / name, evaluate.load_image_folder(folders[name])[:5])
+             for name in ("reference", "test", "fresh")}
+    out_json = tmp_path / "eval.json"
+    code, out, err = run_main(capsys, "--image_dir", small["fresh"], "--reference_dir", small["reference"],
+                              "--test_dir", small["test"], "--inception_weights", weights, "--output_json", out_json,
+                              "--device", "cpu")
+    assert code == 0, err
+    assert "FID skipped" not in out
+    report = json.loads(out_json.read_text())
+    assert report["precision_recall_features"] == "inception"
+    for key in ("fid", "kid_x1e3", "kid_x1e3_std"):
+        for column in ("samples", "floor"):
+            assert math.isfinite(report["metrics"][key][column]), (key, column)
+    assert report["metrics"]["fid"]["samples"] >= -1e-6
+    assert "Inception features, reference" in err  # the progress bar of the feature pass
+
+
+@pytest.mark.parametrize("case", ["no_source", "reference_missing", "wrong_size", "checkpoint_missing",
+                                  "num_samples", "output_json", "garbage_weights", "foreign_state_dict", "too_few"])
+def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
+    sets = ["--reference_dir", folders["reference"], "--test_dir", folders["test"], "--no_download",
+            "--inception_weights", tmp_path / "none.pth", "--device", "cpu"]
+    if case == "no_source":
+        code, _, err = run_main(capsys, *sets)
+        assert code == 2 and "one of the arguments --checkpoint --image_dir is required" in err
+        return
+    if case == "reference_missing":
+        argv, expected = (["--image_dir", folders["fresh"], *sets, "--reference_dir", tmp_path / "nowhere"],
+                          f"error: --reference_dir: {tmp_path / 'nowhere'}: no such folder")
+    elif case == "wrong_size":
+        folder = tmp_path / "big"
+        folder.mkdir()
+        Image.new("RGB", (16, 16)).save(folder / "a.png")
+        argv, expected = (["--image_dir", folder, *sets],
+                          f"error: --image_dir: {folder / 'a.png'}: image is 16x16, expected 32x32")
+    elif case == "checkpoint_missing":
+        argv, expected = (["--checkpoint", tmp_path / "no.pth", *sets],
+                          f"error: --checkpoint {tmp_path / 'no.pth'}: no such file")
+    elif case == "num_samples":
+        argv, expected = (["--checkpoint", tmp_path / "no.pth", "--num_samples", "1", *sets],
+                          "error: --num_samples 1: need at least 2 images")
+    elif case == "output_json":
+        out_json = tmp_path / "no_folder" / "eval.json"
+        argv, expected = (["--image_dir", folders["fresh"], *sets, "--output_json", out_json],
+                          f"error: --output_json {out_json}: its folder does not exist")
+    elif case in ("garbage_weights", "foreign_state_dict"):
+        weights = tmp_path / "weights.pth"
+        if case == "garbage_weights":
+            weights.write_bytes(b"not a state dict")
+        else:
+            torch.save({"conv.weight": torch.zeros(3)}, weights)
+        argv, expected = (["--image_dir", folders["fresh"], *sets, "--inception_weights", weights],
+                          f"error: --inception_weights {weights}: not a FID Inception state dict")
+    elif case == "too_few":
+        few = write_folder(tmp_path / "few", synthetic_images(4, seed=9))
+        argv, expected = ["--image_dir", few, *sets], "error: need more than 4 images in every set, got 4"
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), err
+
+
+def test_launcher_exits_nonzero_without_traceback(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "evaluate.sh"), "--image_dir", tmp_path, "--reference_dir",
+                             tmp_path / "nowhere", "--no_download", "--inception_weights", tmp_path / "none.pth"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: --reference_dir: {tmp_path / 'nowhere'}: no such folder; build the default data set with "
+        f"bash images/make_default_dataset.sh, or point the flag at a folder of 32x32 images"]
+
+
+def test_checkpoint_end_to_end(folders, tmp_path):
+    """train.py --preset tiny for 2 steps, then evaluate.sh generates 16 images with 2 steps."""
+    run_dir = tmp_path / "run"
+    train = subprocess.run([sys.executable, str(REPO / "train.py"), "--preset", "tiny",
+                            "--train_dataset_directory", folders["reference"],
+                            "--validate_dataset_directory", folders["test"], "--model_checkpoint_dir", run_dir,
+                            "--max_steps", "2", "--device", "cpu", "--no_visdom"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    out_json = tmp_path / "eval.json"
+    weights = tmp_path / "models" / "pt_inception-2015-12-05-6726825d.pth"
+    result = subprocess.run(["bash", str(REPO / "evaluate.sh"), "--checkpoint", run_dir / "latest_model.pth",
+                             "--num_samples", "16", "--steps", "2", "--reference_dir", folders["reference"],
+                             "--test_dir", folders["test"], "--inception_weights", weights, "--no_download",
+                             "--device", "cpu", "--output_json", out_json],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"FID skipped: put pt_inception-2015-12-05-6726825d.pth in {weights.parent}/" in result.stdout
+    assert "sampling: 100%" in result.stderr  # the generation progress bar
+    report = json.loads(out_json.read_text())
+    assert report["n"] == 16
+    assert report["samples"] == {"checkpoint": str(run_dir / "latest_model.pth"), "images": 16}
+    assert report["sampler"]["steps"] == 2 and report["sampler"]["seed"] == 0
+    saved = torch.load(run_dir / "latest_model.pth", weights_only=True)["config"]
+    assert report["config"] == json.loads(json.dumps(saved))  # the checkpoint's configuration, as JSON
+    m = report["metrics"]
+    # two training steps make noise: far worse than the floor on every metric
+    assert m["swd_x1e3_avg"]["samples"] > 5 * m["swd_x1e3_avg"]["floor"]
+    assert m["precision"]["samples"] < m["precision"]["floor"] - 0.5
+    assert m["memorised_share"]["samples"] == 0.0

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from testkit import make_avatar_folder, one_line_error, run_script, tiny_train_args
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    images = make_avatar_folder(root / "train", 16)
+    result = run_script("train.py", *tiny_train_args(images, images, str(root / "run"), "--max_steps", 30,
+                                                     "--num_epochs", 100))
+    assert result.returncode == 0, result.stderr
+    return root / "run" / "latest_model.pth"
+
+
+def generate(checkpoint, out_dir, *extra):
+    result = run_script("generate.py", "--checkpoint", checkpoint, "--generated_image_save_dir", out_dir,
+                        "--device", "cpu", "--steps", 4, *extra)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_grid_is_n_columns_by_m_rows_without_padding(checkpoint, tmp_path):
+    generate(checkpoint, tmp_path, "--n", 5, "--m", 3)
+    grid = pixels(tmp_path / "generated_images_5x3.png")
+    assert grid.shape == (96, 160, 3)
+    assert grid.std() > 5  # not one flat colour
+    tiles = grid.reshape(3, 32, 5, 32, 3).transpose(0, 2, 1, 3, 4).reshape(15, -1)
+    assert len({t.tobytes() for t in tiles}) == 15  # fifteen different samples, no separator lines
+
+
+def test_seed_makes_a_run_reproducible(checkpoint, tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        generate(checkpoint, tmp_path / name, "--seed", seed, "--n", 2, "--m", 2)
+    a, b, c = (pixels(tmp_path / n / "generated_images_2x2.png") for n in "abc")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+def test_each_sampler_writes_a_grid(checkpoint, tmp_path, sampler):
+    result = generate(checkpoint, tmp_path, "--sampler", sampler, "--n", 2, "--m", 1, "--clamp", "on")
+    assert f"{sampler}-4" in result.stdout
+    assert pixels(tmp_path / "generated_images_2x1.png").shape == (32, 64, 3)
+
+
+def test_ema_weights_by_default(checkpoint, tmp_path):
+    generate(checkpoint, tmp_path / "ema", "--n", 2, "--m", 1)
+    generate(checkpoint, tmp_path / "raw", "--n", 2, "--m", 1, "--no_ema")
+    assert not np.array_equal(pixels(tmp_path / "ema" / "generated_images_2x1.png"),
+                              pixels(tmp_path / "raw" / "generated_images_2x1.png"))
+
+
+def test_an_existing_grid_is_kept_without_overwrite(checkpoint, tmp_path):
+    generate(checkpoint, tmp_path, "--n", 1, "--m", 1)
+    before = (tmp_path / "generated_images_1x1.png").read_bytes()
+    line = one_line_error(run_script("generate.py", "--checkpoint", checkpoint, "--generated_image_save_dir", tmp_path,
+                                     "--n", 1, "--m", 1, "--device", "cpu"))
+    assert "exists" in line and "--overwrite" in line
+    assert (tmp_path / "generated_images_1x1.png").read_bytes() == before
+    generate(checkpoint, tmp_path, "--n", 1, "--m", 1, "--overwrite", "--seed", 5)
+    assert (tmp_path / "generated_images_1x1.png").read_bytes() != before
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    line = one_line_error(run_script("generate.py", "--checkpoint", tmp_path / "none.pth", "--device", "cpu",
+                                     "--generated_image_save_dir", tmp_path))
+    assert "none.pth: no such checkpoint" in line

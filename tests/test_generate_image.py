@@ -1,0 +1,231 @@
+"""images/generate_image.py on a tiny, randomly initialised pipeline of playground-v2.5's classes.
+
+playground-v2.5 is a StableDiffusionXLPipeline (two CLIP text encoders, SDXL UNet and VAE) with the
+EDM DPM-Solver++ scheduler. The tests build the same classes with tiny sizes, save them like a hub
+folder (fp16 variant file names, as the real model ships) and run the real script on them.
+"""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "images", "generate_image.py")
+sys.path.insert(0, os.path.join(REPO, "images"))
+import generate_image  # noqa: E402
+from bench_playground import bytes_to_unicode  # noqa: E402  (the byte alphabet of the bench's tokenizers)
+
+# 32x32 images: the tiny VAE has two levels (factor 2), so the UNet works on 16x16 latents.
+TINY_RUN = ["--device", "cpu", "--height", "32", "--width", "32", "--num_inference_steps", "2",
+            "--guidance_scale", "3", "--seed", "7"]
+
+
+
+def tiny_tokenizers(folder):
+    """Two CLIP tokenizers over a 514-token vocabulary: the 256 byte characters, the same with the
+    end-of-word mark, and the two special tokens. No merges, so every character is a token."""
+    from transformers import CLIPTokenizer
+
+    characters = list(bytes_to_unicode().values())
+    vocab = {token: i for i, token in enumerate(characters + [c + "</w>" for c in characters])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    files = (os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    # SDXL pads the first prompt with <|endoftext|> and the second (OpenCLIP) with "!".
+    return CLIPTokenizer(*files, model_max_length=77), CLIPTokenizer(*files, model_max_length=77, pad_token="!"), vocab
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    import torch
+    from diffusers import (AutoencoderKL, EDMDPMSolverMultistepScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    root = tmp_path_factory.mktemp("tiny_playground")
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2, vocab = tiny_tokenizers(str(root / "vocab"))
+    text_config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+                                 bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                 pad_token_id=1, hidden_act="gelu")
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), use_linear_projection=True,
+        norm_num_groups=8, cross_attention_dim=32,  # the two text encoders' widths, concatenated
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16)  # 6 size/crop numbers + pooled text
+    # playground-v2.5's VAE: SDXL's with scaling factor 0.5 and per-channel latent mean and std.
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32, scaling_factor=0.5,
+                        latents_mean=[-1.6574, 1.886, -1.383, 2.5155], latents_std=[8.4927, 5.9022, 6.6792, 7.0])
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=EDMDPMSolverMultistepScheduler())
+    folder = root / "pipeline"
+    pipe.save_pretrained(str(folder), variant="fp16")
+    return str(folder)
+
+
+def run_script(args, env=None, torchrun_procs=0):
+    command = [sys.executable, SCRIPT, *args]
+    if torchrun_procs:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", str(torchrun_procs), SCRIPT, *args]
+    # one thread: tiny models gain nothing from more, and a busy test machine slows threaded runs a lot
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=240)
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def listing(folder):
+    return sorted(os.listdir(folder))
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tiny_pipeline, tmp_path_factory):
+    """Five images from one process: first 3 (batch 2), then a resumed run to 5 (batch 3)."""
+    out = tmp_path_factory.mktemp("one_process") / "images"
+    first = run_script([*TINY_RUN, "--model_name", tiny_pipeline, "--image_save_dir", str(out),
+                        "--num_samples", "3", "--batch_size", "2"])
+    assert first.returncode == 0, first.stderr
+    first_listing = listing(out)
+    first_state = {name: (os.stat(out / name).st_mtime_ns, (out / name).read_bytes()) for name in first_listing}
+    # a killed earlier run's temporary file, a stray non-image file, and a deleted image
+    (out / ".4.png.12345.tmp").write_bytes(b"partial")
+    (out / "notes.txt").write_text("not an image")
+    deleted = (out / "1.png").read_bytes()
+    os.remove(out / "1.png")
+    # the resumed run goes in-process (diffusers is imported already: seconds saved)
+    with contextlib.redirect_stdout(io.StringIO()) as second_stdout:
+        generate_image.main([*TINY_RUN, "--model_name", tiny_pipeline, "--image_save_dir", str(out),
+                             "--num_samples", "5", "--batch_size", "3"])
+    return out, first, first_listing, first_state, deleted, second_stdout.getvalue()
+
+
+def test_writes_the_requested_images(one_process_run):
+    out, first, first_listing, _, _, _ = one_process_run
+    assert first_listing == ["0.png", "1.png", "2.png"]
+    assert "all 3 images present" in first.stdout
+    for name in first_listing:
+        image = Image.open(out / name)
+        assert (image.size, image.mode) == ((32, 32), "RGB")
+    # different indices start from different noise, so they are different pictures
+    assert np.abs(pixels(out / "0.png") - pixels(out / "2.png")).mean() > 5
+
+
+def test_second_run_adds_only_missing_images(one_process_run):
+    out, _, _, first_state, deleted, second = one_process_run
+    assert listing(out) == ["0.png", "1.png", "2.png", "3.png", "4.png", "notes.txt"]  # temporary file gone
+    assert "3 to make on rank 0 of 1 (2 of its 5 already there)" in second
+    for name in ("0.png", "2.png"):  # untouched: same bytes, same modification time
+        assert (os.stat(out / name).st_mtime_ns, (out / name).read_bytes()) == first_state[name]
+    # 1.png is made again under its own number (the seed renumbered from len(listdir)) and, being
+    # a function of (seed, index) only, it is the same picture although its batch was different
+    assert np.abs(pixels(out / "1.png") - np.asarray(Image.open(io.BytesIO(deleted))).astype(int)).max() <= 1
+
+
+def test_two_ranks_split_the_work_with_no_overlap_and_no_gap(tiny_pipeline, one_process_run, tmp_path):
+    reference = one_process_run[0]
+    out = tmp_path / "images"
+    result = run_script([*TINY_RUN, "--model_name", tiny_pipeline, "--image_save_dir", str(out),
+                         "--num_samples", "5", "--batch_size", "2"], torchrun_procs=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 to make on rank 0 of 2" in result.stdout  # rank 0: 0, 2, 4; rank 1: 1, 3
+    assert "all 5 images present" in result.stdout
+    assert listing(out) == ["0.png", "1.png", "2.png", "3.png", "4.png"]
+    for i in range(5):
+        # same pictures as one process with other batches: sharding changes nothing but who makes
+        # them (up to 1 grey level: 1 vs 2 CPU threads sum in a different order)
+        difference = np.abs(pixels(out / f"{i}.png") - pixels(reference / f"{i}.png"))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.01, i
+
+
+def test_shards_cover_every_index_exactly_once():
+    for world_size in (1, 2, 3, 8):
+        shards = [generate_image.shard(50, rank, world_size) for rank in range(world_size)]
+        flat = sorted(i for s in shards for i in s)
+        assert flat == list(range(50)), world_size
+        assert all(i % world_size == rank for rank, s in enumerate(shards) for i in s)
+
+
+def test_image_seeds_do_not_collide_between_train_and_test_seeds():
+    train = {generate_image.image_seed(0, i) for i in range(50000)}
+    test = {generate_image.image_seed(1, i) for i in range(5000)}
+    assert len(train) == 50000 and len(test) == 5000 and not train & test
+
+
+@pytest.mark.parametrize("text, value", [("True", True), ("False", False), ("1", True), ("0", False),
+                                         ("false", False)])
+def test_boolean_flags_parse_true_and_false(text, value):
+    args = generate_image.parse_args(["--local_files_only", text, "--compile", text])
+    assert args.local_files_only is value and args.compile is value
+
+
+def test_bad_boolean_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate_image.parse_args(["--local_files_only", "maybe"])
+    assert exit_info.value.code == 2
+    assert "expected True or False" in capsys.readouterr().err
+
+
+def test_missing_weights_say_where_to_get_them(tmp_path):
+    hub_id = "example-org/not-a-real-model-xyz"
+    hf_home = tmp_path / "hf"
+    result = run_script(["--model_name", hub_id, "--image_save_dir", str(tmp_path / "out"), "--num_samples", "1",
+                         "--device", "cpu"], env={"HF_HOME": str(hf_home)})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error: ")
+    assert hub_id in lines[0]
+    assert "models/not-a-real-model-xyz" in lines[0]
+    assert f"HF_HOME, now {hf_home}" in lines[0]
+    assert listing(tmp_path / "out") == []
+
+
+def test_unloadable_local_folder_names_it(tmp_path):
+    folder = tmp_path / "empty_model"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        generate_image.main(["--model_name", str(folder), "--image_save_dir", str(tmp_path / "out"),
+                             "--num_samples", "1", "--device", "cpu"])
+    message = str(exit_info.value.code)  # SystemExit with a text: Python prints it alone and exits 1
+    assert "\n" not in message
+    assert message.startswith(f"error: cannot load the pipeline in {folder}")
+
+
+def test_bench_builds_playground_v2_5_full_size_architecture():
+    """images/bench_playground.py times random weights in playground-v2.5's (= SDXL's) shapes: the
+    parameter counts are those of the released model's components (built on the meta device: no memory)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    import bench_playground
+
+    with torch.device("meta"):
+        parts = {"unet": UNet2DConditionModel(**bench_playground.SDXL_UNET),
+                 "vae": AutoencoderKL(**bench_playground.SDXL_VAE),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig(**bench_playground.CLIP_L)),
+                 "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**bench_playground.CLIP_BIG_G))}
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+    assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                      "text_encoder_2": 694_659_840}

@@ -1,0 +1,136 @@
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from testkit import PYTHON, REPO, make_avatar_folder, one_line_error, run_script, tiny_train_args
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return make_avatar_folder(root / "train", 64), make_avatar_folder(root / "val", 16, first_index=1_000_000)
+
+
+def train(data, run_dir, *extra):
+    result = run_script("train.py", *tiny_train_args(data[0], data[1], str(run_dir), *extra))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def log_records(run_dir, kind):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def test_loss_falls_on_a_16_image_set(tmp_path):
+    images = make_avatar_folder(tmp_path / "sixteen", 16)
+    run = tmp_path / "run"
+    train((images, images), run, "--max_steps", 100, "--log_every", 10, "--num_epochs", 1000, "--validate_every", 50)
+    losses = [r["train_loss"] for r in log_records(run, "train")]
+    assert [r["step"] for r in log_records(run, "train")] == list(range(10, 101, 10))
+    # Measured here: about 3.0 over the first 10 steps and 0.2 over the last 10.
+    assert losses[-1] < losses[0] / 5, losses
+    vals = [r["val_loss"] for r in log_records(run, "validation")]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    assert os.path.getsize(run / "loss_curve.png") > 1000
+
+
+def state_of(path):
+    checkpoint = torch.load(path, weights_only=True)
+    return checkpoint
+
+
+def assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def test_interrupt_and_resume_is_exact(data, tmp_path):
+    # 64 images in batches of 16: 4 steps an epoch, so a stop after 6 steps is mid-epoch.
+    # Dropout and flips are on, so the RNG states have to be restored too.
+    extra = ("--set", "dropout=0.2", "--set", "hflip=true", "--seed", "3", "--log_every", 2)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(data, straight, "--max_steps", 10, *extra)
+    train(data, resumed, "--max_steps", 6, *extra)
+    assert state_of(resumed / "latest_model.pth")["step"] == 6
+    result = train(data, resumed, "--max_steps", 10, *extra)
+    assert "resuming" in result.stdout
+    a, b = state_of(straight / "latest_model.pth"), state_of(resumed / "latest_model.pth")
+    assert a["step"] == b["step"] == 10 and a["epoch"] == b["epoch"] == 2
+    for key in ("model", "ema", "optimizer", "rng"):
+        assert_same_tensors(a[key], b[key], key)
+    # the resumed log has the same train records as the straight one, no duplicates
+    assert [r["step"] for r in log_records(resumed, "train")] == [r["step"] for r in log_records(straight, "train")]
+    assert [r["train_loss"] for r in log_records(resumed, "train")] == pytest.approx(
+        [r["train_loss"] for r in log_records(straight, "train")], rel=1e-6)
+
+
+def test_checkpoint_holds_everything_and_loads_weights_only(data, tmp_path):
+    train(data, tmp_path, "--max_steps", 8, "--save_every", 1)
+    checkpoint = torch.load(tmp_path / "latest_model.pth", weights_only=True)
+    assert {"config", "model", "ema", "optimizer", "step", "epoch", "rng", "best_validation_loss"} <= checkpoint.keys()
+    assert checkpoint["config"]["channels"] == [16, 32, 32, 32] or checkpoint["config"]["channels"] == (16, 32, 32, 32)
+    assert sorted(os.listdir(tmp_path)) == ["1.pth", "2.pth", "best_validation_checkpoint.pth", "latest_model.pth",
+                                            "log.jsonl", "loss_curve.png"]
+
+
+def test_truncated_checkpoint_is_one_line_and_older_ones_still_load(data, tmp_path):
+    run = tmp_path / "run"
+    train(data, run, "--max_steps", 8, "--save_every", 1)
+    latest = run / "latest_model.pth"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    line = one_line_error(run_script("train.py", *tiny_train_args(data[0], data[1], str(run), "--max_steps", 12)))
+    assert str(latest) in line and "truncated" in line
+    line = one_line_error(run_script("generate.py", "--checkpoint", latest, "--generated_image_save_dir", tmp_path / "g",
+                                     "--device", "cpu"))
+    assert str(latest) in line
+    result = run_script("generate.py", "--checkpoint", run / "2.pth", "--generated_image_save_dir", tmp_path / "g",
+                        "--device", "cpu", "--steps", 3)
+    assert result.returncode == 0, result.stderr
+
+
+def test_resume_with_another_configuration_is_refused(data, tmp_path):
+    train(data, tmp_path, "--max_steps", 2)
+    line = one_line_error(run_script("train.py", *tiny_train_args(data[0], data[1], str(tmp_path), "--max_steps", 4,
+                                                                  "--set", "norm=batch")))
+    assert "norm" in line and "--fresh" in line
+    result = train(data, tmp_path, "--max_steps", 3, "--set", "norm=batch", "--fresh")
+    assert "resuming" not in result.stdout
+    assert torch.load(tmp_path / "latest_model.pth", weights_only=True)["config"]["norm"] == "batch"
+
+
+def test_bad_flags_are_one_line_errors(data, tmp_path):
+    for extra, expected in [(("--set", "norm=layer"), "norm=layer"), (("--preset", "huge"), "--preset 'huge'"),
+                            (("--batch_size", 1000), "--batch_size 1000 is larger than the 64 images")]:
+        line = one_line_error(run_script("train.py", *tiny_train_args(data[0], data[1], str(tmp_path), *extra)))
+        assert expected in line, line
+
+
+def test_ctrl_c_saves_an_exact_checkpoint(data, tmp_path):
+    args = [PYTHON, os.path.join(REPO, "train.py"), *tiny_train_args(data[0], data[1], str(tmp_path), "--num_epochs", 10000)]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "latest_model.pth").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in out
+    checkpoint = torch.load(tmp_path / "latest_model.pth", weights_only=True)
+    assert checkpoint["step"] >= 4
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]

@@ -1,0 +1,242 @@
+"""The denoiser: one configurable UNet. Every network switch of config.py is read here, once.
+
+The seed's network (preset `seed`): a head conv, three down levels of two ResBlocks and a
+max-pool, two ResBlocks in the middle at 4x4, three up levels that concatenate both skips of the
+matching down level, and a 1x1 tail with an unbounded output. It is not told the noise level.
+
+    python unet.py --preset seed          # summary and exact parameter count (138,624,003)
+"""
+import argparse
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import PRESETS, ConfigError, make_config
+
+
+# ---- the switches: each field of the configuration is turned into modules in one place --------
+
+def make_norm(config, channels):
+    if config.norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if config.norm == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    return nn.Identity()
+
+
+def make_act(config):
+    return {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}[config.act]()
+
+
+def make_down(config, channels):
+    if config.down == "maxpool":
+        return nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    return nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+
+
+def make_up(config, channels):
+    if config.up == "nearest":
+        return nn.Upsample(scale_factor=2, mode="nearest")
+    return nn.ConvTranspose2d(channels, channels, kernel_size=4, stride=2, padding=1)
+
+
+def make_tail(config, channels):
+    conv = nn.Conv2d(channels, 3, kernel_size=1)
+    return conv if config.tail == "conv" else nn.Sequential(conv, nn.Tanh())
+
+
+def noise_embedding_dim(config):
+    """Width of the noise-level embedding; 0 when the network is not told the noise level."""
+    return 4 * config.channels[0] if config.noise_cond == "film" else 0
+
+
+# ---- building blocks ---------------------------------------------------------------------------
+
+class NoiseEmbedding(nn.Module):
+    """alpha_bar -> log-SNR -> sinusoidal features -> MLP. The log-SNR, log(alpha_bar / (1 -
+    alpha_bar)), spreads the levels evenly where alpha_bar itself crowds near 0 and 1 (Kingma et al.
+    2021, Variational Diffusion Models)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000), dim // 8)), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(dim // 4, dim), nn.SiLU(), nn.Linear(dim, dim), nn.SiLU())
+
+    def forward(self, alpha_bar):
+        alpha_bar = alpha_bar.float().clamp(1e-8, 1 - 1e-8)
+        log_snr = (torch.log(alpha_bar) - torch.log1p(-alpha_bar)).clamp(-20, 20)
+        angles = (log_snr / 20)[:, None] * self.freqs[None, :]
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=1))
+
+
+class ConvBlock(nn.Module):
+    """Conv3x3 -> norm -> (FiLM) -> activation -> dropout."""
+
+    def __init__(self, config, c_in, c_out, emb_dim):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)
+        self.norm = make_norm(config, c_out)
+        # FiLM (Perez et al. 2018): the noise level scales and shifts the normalised features.
+        # Zero-initialised, so training starts from the unconditioned block.
+        self.film = nn.Linear(emb_dim, 2 * c_out) if emb_dim else None
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
+        self.act = make_act(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, emb):
+        h = self.norm(self.conv(x))
+        if self.film is not None:
+            scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        return self.dropout(self.act(h))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, config, c_in, c_out, emb_dim):
+        super().__init__()
+        self.block1 = ConvBlock(config, c_in, c_out, emb_dim)
+        self.block2 = ConvBlock(config, c_out, c_out, emb_dim)
+        self.skip = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        return self.block2(self.block1(x, emb), emb) + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual."""
+
+    def __init__(self, config, channels):
+        super().__init__()
+        self.heads = max(1, channels // 64)
+        self.norm = make_norm(config, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
+        self.proj = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Stage(nn.Module):
+    """A ResBlock followed by self-attention when its resolution is listed in `attention`."""
+
+    def __init__(self, config, c_in, c_out, emb_dim, resolution):
+        super().__init__()
+        self.res = ResBlock(config, c_in, c_out, emb_dim)
+        self.attn = SelfAttention(config, c_out) if resolution in config.attention else None
+
+    def forward(self, x, emb):
+        x = self.res(x, emb)
+        return x if self.attn is None else self.attn(x)
+
+
+# ---- the network -------------------------------------------------------------------------------
+
+class UNet(nn.Module):
+    def __init__(self, config, image_size=32):
+        super().__init__()
+        self.config = config
+        c = config.channels
+        emb_dim = noise_embedding_dim(config)
+        self.noise_embedding = NoiseEmbedding(emb_dim) if emb_dim else None
+        self.head = nn.Conv2d(3, c[0], kernel_size=5, padding=2)
+
+        self.down = nn.ModuleList()
+        res = image_size
+        for c_in, c_out in zip(c[:-1], c[1:]):
+            self.down.append(nn.ModuleDict(dict(
+                res1=Stage(config, c_in, c_out, emb_dim, res),
+                res2=Stage(config, c_out, c_out, emb_dim, res),
+                pool=make_down(config, c_out),
+            )))
+            res //= 2
+        self.middle = nn.ModuleList([Stage(config, c[-1], c[-1], emb_dim, res) for _ in range(2)])
+        self.up = nn.ModuleList()
+        for c_in, c_out in zip(c[:0:-1], c[-2::-1]):
+            res *= 2
+            # c_in is both the width coming up and the width of the skips h1 and h2 at this level.
+            self.up.append(nn.ModuleDict(dict(
+                upsample=make_up(config, c_in),
+                res1=Stage(config, 2 * c_in, c_in, emb_dim, res),
+                res2=Stage(config, 2 * c_in, c_out, emb_dim, res),
+            )))
+        self.tail = make_tail(config, c[0])
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+
+    def forward(self, x, alpha_bar):
+        emb = self.noise_embedding(alpha_bar) if self.noise_embedding is not None else None
+        h = self.head(x)
+        skips = []
+        for level in self.down:
+            h1 = level["res1"](h, emb)
+            h2 = level["res2"](h1, emb)
+            skips.append((h1, h2))
+            h = level["pool"](h2)
+        for stage in self.middle:
+            h = stage(h, emb)
+        for level, (h1, h2) in zip(self.up, reversed(skips)):
+            h = level["upsample"](h)
+            h = level["res1"](torch.cat([h, h2], dim=1), emb)
+            h = level["res2"](torch.cat([h, h1], dim=1), emb)
+        return self.tail(h)
+
+    def sampling_mode(self):
+        """eval() for sampling: no dropout; BatchNorm uses its running statistics, or the statistics
+        of the batch being sampled when bn_sampling_stats=batch."""
+        self.eval()
+        if self.config.bn_sampling_stats == "batch":
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.train()
+                    m.track_running_stats = False  # use the batch's statistics, leave the running ones untouched
+                    m.running_mean = m.running_var = None
+        return self
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(model, batch_size=1, image_size=32):
+    """FLOPs of one forward pass, counted by torch (a multiply-add is 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = next(model.parameters()).device
+    x = torch.zeros(batch_size, 3, image_size, image_size, device=device)
+    alpha_bar = torch.full((batch_size,), 0.5, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, alpha_bar)
+    model.train(was_training)
+    return counter.get_total_flops() / batch_size
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one configuration field")
+    parser.add_argument("--full", action="store_true", help="print every module")
+    args = parser.parse_args()
+    try:
+        config = make_config(args.preset, args.set)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")
+    model = UNet(config)
+    if args.full:
+        print(model)
+    print(f"preset {args.preset}: channels {config.channels}, noise_cond {config.noise_cond}, norm {config.norm}, "
+          f"attention {config.attention or 'none'}")
+    for name, child in model.named_children():
+        print(f"  {name:<16} {count_parameters(child):>13,} parameters")
+    print(f"  {'total':<16} {count_parameters(model):>13,} parameters")
+    print(f"  forward pass: {forward_flops(model) / 1e9:.2f} GFLOP per 32x32 image "
+          f"(a training step is about 3x that)")
