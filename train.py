@@ -172,6 +172,17 @@ def main(argv=None):
         warn_cpu_speed(model, config, steps_per_epoch)
 
     # ---- the loop ------------------------------------------------------------------------------------
+    def save(path):
+        """Everything needed to continue exactly here; rank 0 alone writes."""
+        if master:
+            save_checkpoint(path, {
+                "format": CHECKPOINT_FORMAT, "config": config_to_dict(config), "preset": args.preset,
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_validation_loss": best_val,
+                "rng": {"torch": torch.get_rng_state(), "noise": noise_generator.get_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if use_cuda else None},
+            })
+
     stop_requested = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop_requested.append(True))
@@ -236,10 +247,10 @@ def main(argv=None):
                     bar.write(f"epoch {epoch} step {step}: validation loss {val_loss:.4f} (EMA {val_loss_ema:.4f})")
                 if val_loss_ema < best_val:
                     best_val = val_loss_ema
-                    save(master, os.path.join(ckpt_dir, "best_validation_checkpoint.pth"), locals())
+                    save(os.path.join(ckpt_dir, "best_validation_checkpoint.pth"))
             if epoch % args.save_every == 0:
-                save(master, os.path.join(ckpt_dir, f"{epoch}.pth"), locals())
-        save(master, latest_path, locals())
+                save(os.path.join(ckpt_dir, f"{epoch}.pth"))
+        save(latest_path)
     bar.close()
     say(f"stopped: {stop_reason or f'finished {args.num_epochs} epochs'}; epoch {epoch}, step {step}; "
         f"checkpoint {latest_path}")
@@ -323,22 +334,7 @@ def preview_samples(ema, config, device, n=16):
 
 # ---- checkpoints: one file, weights_only-loadable, written atomically ----------------------------------
 
-def save(master, path, scope):
-    if not master:
-        return
-    model, ema, optimizer = scope["model"], scope["ema"], scope["optimizer"]
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "config": config_to_dict(scope["config"]),
-        "preset": scope["args"].preset,
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": scope["step"], "epoch": scope["epoch"], "batch_in_epoch": scope["batch_in_epoch"],
-        "best_validation_loss": scope["best_val"],
-        "rng": {"torch": torch.get_rng_state(), "noise": scope["noise_generator"].get_state(),
-                "cuda": torch.cuda.get_rng_state() if scope["device"].type == "cuda" else None},
-    }
+def save_checkpoint(path, state):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -406,7 +402,8 @@ def warn_cpu_speed(model, config, steps_per_epoch):
             probe(x, alpha_bar).square().mean().backward()
     seconds = (time.time() - start) / 4 * config.batch_size * steps_per_epoch * 1.3  # + optimiser, EMA
     if seconds > 60:
-        print(f"warning: training on the CPU: about {seconds / 60:.0f} minutes per epoch "
+        duration = f"{seconds / 3600:.1f} hours" if seconds > 5400 else f"{seconds / 60:.0f} minutes"
+        print(f"warning: training on the CPU: about {duration} per epoch "
               f"({steps_per_epoch} steps of {config.batch_size}); a CUDA GPU is 100x faster "
               f"(--preset tiny trains in seconds)", file=sys.stderr)
 
