@@ -142,6 +142,31 @@ def sampling_speed(sampler, steps, num_images):
                 samples_per_s=num_images / seconds)
 
 
+def write_outputs(results, out):
+    """The table and JSON so far: written after every measurement, so a time-out loses nothing."""
+    rows = {r["name"][:3]: r for r in results["rows"]}
+    peak = results["bf16_matmul_peak_tflops"]
+    lines = [f"Card: {results['card']}; torch {results['torch']}; {results['date']}; bf16 matmul peak {peak:.0f} TFLOP/s", "",
+             "| what | batch | img/s | GFLOP/img | TFLOP/s | % of bf16 peak | peak memory GiB | vs (1) | vs (2) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        vs1 = r["img_per_s"] / rows["(1)"]["img_per_s"] if "(1)" in rows else float("nan")
+        vs2 = r["img_per_s"] / rows["(2)"]["img_per_s"] if "(2)" in rows else float("nan")
+        lines.append(f"| {r['name']} | {r['batch_size']} | {r['img_per_s']:,.0f} | {r['gflop_per_image']:.1f} | "
+                     f"{r['tflops']:.0f} | {100 * r['tflops'] / peak:.0f}% | {r['peak_memory_gib']:.1f} | "
+                     f"{vs1:.2f}x | {vs2:.2f}x |")
+    lines.append("")
+    for s in results["sampling"]:
+        lines.append(f"- {s['name']}: {s['samples_per_s']:,.0f} samples/s "
+                     f"(50,000 samples in {50000 / s['samples_per_s']:.0f} s)")
+    table = "\n".join(lines)
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write(table + "\n")
+    return table
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="generated/bench")
@@ -157,7 +182,7 @@ if __name__ == "__main__":
     card = torch.cuda.get_device_name()
     print(f"{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
 
-    results = dict(card=card, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=[])
+    results = dict(card=card, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=[], sampling=[])
     results["bf16_matmul_peak_tflops"] = matmul_peak() / 1e12
     print(f"  bf16 matmul peak: {results['bf16_matmul_peak_tflops']:.0f} TFLOP/s", flush=True)
     for make_row in (lambda: seed_as_it_trained(230, args.iters), lambda: diffusers_peer(256, args.iters),
@@ -167,31 +192,14 @@ if __name__ == "__main__":
         except Exception as e:  # one failing row must not lose the others
             print(f"  row failed: {type(e).__name__}: {e}", flush=True)
         torch.cuda.empty_cache()
-    results["sampling"] = []
-    for sampler, steps, n in (("dpm", 20, args.sample_images), ("ddpm", 1000, min(args.sample_images, 2000))):
+        write_outputs(results, args.out)
+    for sampler, steps, n in (("dpm", 20, args.sample_images), ("ddim", 100, args.sample_images),
+                             ("ddpm", 1000, min(args.sample_images, 500))):
         try:
             results["sampling"].append(sampling_speed(sampler, steps, n))
         except Exception as e:
             print(f"  sampling failed: {type(e).__name__}: {e}", flush=True)
+        write_outputs(results, args.out)
 
-    rows = {r["name"][:3]: r for r in results["rows"]}
-    peak = results["bf16_matmul_peak_tflops"]
-    lines = [f"Card: {card}; torch {torch.__version__}; {results['date']}; bf16 matmul peak {peak:.0f} TFLOP/s", "",
-             "| what | batch | img/s | GFLOP/img | TFLOP/s | % of bf16 peak | peak memory GiB | vs (1) | vs (2) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        vs1 = r["img_per_s"] / rows["(1)"]["img_per_s"] if "(1)" in rows else float("nan")
-        vs2 = r["img_per_s"] / rows["(2)"]["img_per_s"] if "(2)" in rows else float("nan")
-        lines.append(f"| {r['name']} | {r['batch_size']} | {r['img_per_s']:,.0f} | {r['gflop_per_image']:.1f} | "
-                     f"{r['tflops']:.0f} | {100 * r['tflops'] / peak:.0f}% | {r['peak_memory_gib']:.1f} | "
-                     f"{vs1:.2f}x | {vs2:.2f}x |")
-    lines.append("")
-    for s in results["sampling"]:
-        lines.append(f"- {s['name']}: {s['samples_per_s']:,.0f} samples/s "
-                     f"(50,000 samples in {50000 / s['samples_per_s']:.0f} s)")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(table + "\n")
+    print(write_outputs(results, args.out))
+

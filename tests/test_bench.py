@@ -1,0 +1,20 @@
+"""bench.py's report. The measurements themselves need a GPU (bash bench.sh on one)."""
+import json
+
+from bench import write_outputs
+
+
+def test_table_has_ratios_against_the_seed_and_diffusers(tmp_path):
+    row = lambda name, img_s, tflops: dict(name=name, batch_size=230, img_per_s=img_s, step_ms=1.0, gflop_per_image=92.2,
+                                           tflops=tflops, peak_memory_gib=6.8)
+    results = dict(card="test card", torch="x", date="2026-11-26", bf16_matmul_peak_tflops=800.0,
+                   rows=[row("(1) seed", 1000.0, 100.0), row("(2) diffusers", 2000.0, 80.0), row("(3) ours", 4000.0, 400.0)],
+                   sampling=[dict(name="sampling dpm-20", num_images=5000, seconds=10.0, samples_per_s=500.0)])
+    table = write_outputs(results, str(tmp_path))
+    lines = table.splitlines()
+    assert lines[0].startswith("Card: test card") and "peak 800 TFLOP/s" in lines[0]
+    ours = next(line for line in lines if line.startswith("| (3) ours"))
+    assert "| 4,000 |" in ours and "| 50% |" in ours and "| 4.00x | 2.00x |" in ours
+    assert "50,000 samples in 100 s" in table
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][2]["img_per_s"] == 4000.0
+    assert (tmp_path / "bench.md").read_text() == table + "\n"
