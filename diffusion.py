@@ -5,6 +5,7 @@ Notation (Ho et al. 2020): x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, e
 The network is given alpha_bar itself, never a step index, so one trained network works with every
 sampler and number of steps.
 """
+import functools
 import math
 
 import torch
@@ -16,8 +17,10 @@ NUM_TRAIN_TIMESTEPS = 1000
 LINEAR_BETA_START, LINEAR_BETA_END = 1e-4, 0.02  # DDPM's linear schedule (Ho et al. 2020, sec. 4)
 
 
+@functools.lru_cache(maxsize=None)
 def linear_alpha_bar(device=None):
-    """alpha_bar_t for t = 0..999 of DDPM's linear beta schedule."""
+    """alpha_bar_t for t = 0..999 of DDPM's linear beta schedule (one copy per device, so that the
+    training step never copies it from the host)."""
     betas = torch.linspace(LINEAR_BETA_START, LINEAR_BETA_END, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
     return torch.cumprod(1 - betas, dim=0).float().to(device)
 
@@ -37,7 +40,7 @@ def sample_alpha_bar(config, n, device, generator=None):
         alpha_bar = u
     elif config.noise_sampling == "linear_beta_t":  # DDPM: t ~ U{0..999} on the linear-beta schedule
         t = (u * NUM_TRAIN_TIMESTEPS).long().clamp_(max=NUM_TRAIN_TIMESTEPS - 1)
-        alpha_bar = linear_alpha_bar(device)[t]
+        alpha_bar = linear_alpha_bar(str(device))[t]
     elif config.noise_sampling == "cosine":  # t ~ U[0, 1] on the cosine schedule
         alpha_bar = cosine_alpha_bar(u)
     else:  # edm_lognormal: ln sigma ~ N(-1.2, 1.2^2) (Karras et al. 2022, Table 1), alpha_bar = 1 / (1 + sigma^2)
