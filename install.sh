@@ -21,7 +21,13 @@ fi
 PY=$VENV/bin/python
 
 # The stamp records what was installed; when nothing changed there is nothing to do.
-want=$({ cat requirements.txt; cat tools/visdom_assets.py 2>/dev/null || true; } | sha256sum | cut -d' ' -f1)-${TORCH_INDEX_URL:-default}
+# (hashed by Python rather than sha256sum, which macOS lacks)
+want=$("$PY" -c 'import hashlib, os, sys
+h = hashlib.sha256()
+for name in sys.argv[1:]:
+    if os.path.exists(name):
+        h.update(open(name, "rb").read())
+print(h.hexdigest())' requirements.txt tools/visdom_assets.py)-${TORCH_INDEX_URL:-default}
 stamp=$VENV/.installed
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c 'import torch, diffusers, visdom' 2>/dev/null; then
     echo "install.sh: $VENV is up to date"
