@@ -208,10 +208,14 @@ def main(argv=None):
 
             if args.max_steps and step >= args.max_steps:
                 stop_reason = f"reached --max_steps {args.max_steps}"
+            elif ddp and step % args.log_every:
+                pass  # several processes look at the clock and Ctrl-C only where they agree, below
             elif args.max_minutes and time.time() - start_time >= 60 * args.max_minutes:
                 stop_reason = f"reached --max_minutes {args.max_minutes}"
             elif stop_requested:
                 stop_reason = "interrupted"
+            if ddp and step % args.log_every == 0:
+                stop_reason = agree_on_stop(stop_reason)
 
             last_step = epoch == args.num_epochs - 1 and batch_in_epoch == steps_per_epoch
             if step % args.log_every == 0 or stop_reason or last_step:
@@ -369,6 +373,14 @@ def restore_rng(rng, noise_generator, device):
 
 class UserError(Exception):
     """A user's mistake: printed as one line, exit status 2."""
+
+
+def agree_on_stop(reason):
+    """Any process's reason to stop, for all of them: a Ctrl-C or the clock can reach the processes
+    at different steps, and one that stopped alone would leave the others waiting for it forever."""
+    reasons = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    return next((r for r in reasons if r), None)
 
 
 def pick_device(name, local_rank=0):
