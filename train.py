@@ -193,12 +193,13 @@ def main(argv=None):
     stop_reason = None
     while epoch < args.num_epochs and stop_reason is None:
         order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+        order = order.to(train_images.device)  # once an epoch: a copy from the host inside the loop would sync every step
         while batch_in_epoch < steps_per_epoch:
             batch = order[batch_in_epoch * config.batch_size:(batch_in_epoch + 1) * config.batch_size]
             # Every process draws the whole batch's noise and takes its own slice, so that K
             # processes train exactly as one process with the same global batch.
             mine = slice(rank * local_batch, (rank + 1) * local_batch)
-            x0 = normalise(train_images[batch.to(train_images.device)][mine].to(device, non_blocking=True), config)
+            x0 = normalise(train_images[batch][mine].to(device, non_blocking=True), config)
             x0 = augment(x0, config, torch.rand(config.batch_size, device=device, generator=noise_generator)[mine])
             alpha_bar = sample_alpha_bar(config, config.batch_size, device, noise_generator)[mine]
             eps = torch.randn((config.batch_size, *x0.shape[1:]), device=device, generator=noise_generator)[mine]
