@@ -64,6 +64,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    for flag in ("num_epochs", "validate_every", "save_every", "log_every", "validation_images"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.max_steps < 0 or args.max_minutes < 0:
+        raise UserError("--max_steps and --max_minutes must be 0 (no limit) or positive")
 
     # ---- set-up: processes, device, configuration -----------------------------------------------
     ddp = "RANK" in os.environ  # launched by torchrun

@@ -116,7 +116,9 @@ def test_resume_with_another_configuration_is_refused(data, tmp_path):
 
 def test_bad_flags_are_one_line_errors(data, tmp_path):
     for extra, expected in [(("--set", "norm=layer"), "norm=layer"), (("--preset", "huge"), "--preset 'huge'"),
-                            (("--batch_size", 1000), "--batch_size 1000 is larger than the 64 images")]:
+                            (("--batch_size", 1000), "--batch_size 1000 is larger than the 64 images"),
+                            (("--log_every", 0), "--log_every 0: must be at least 1"),
+                            (("--max_steps", -3), "--max_steps and --max_minutes must be 0")]:
         line = one_line_error(run_script("train.py", *tiny_train_args(data[0], data[1], str(tmp_path), *extra)))
         assert expected in line, line
 
