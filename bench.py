@@ -9,8 +9,9 @@ Rows:
   (3) train.py's own training step (make_train_step) with preset seed, batch 230;
   (4) train.py's own training step with preset default, batch 230.
 FLOPs are counted by torch's FlopCounterMode on one eager training step (forward + backward).
-Also: samples per second for DDPM-1000 and DPM-Solver-20 with the default network, and the card's
-measured bf16 matrix-multiply peak.
+Also: samples per second with the default network through generate.py's own path, for DPM-Solver-20
+(eager and compiled), DPM-Solver-25 (preset default's), DDIM-100 and DDPM-1000; the card's measured bf16 matrix-multiply peak; and with
+--profile, where the GPU time of (4) and of one sampling step goes (torch.profiler).
 """
 import argparse
 import copy
@@ -22,7 +23,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import make_config
-from diffusion import sample, sample_alpha_bar, training_loss
+from diffusion import sample_alpha_bar, training_loss
+from generate import generate_images
 from train import make_optimizer, make_train_step
 from unet import UNet
 
@@ -100,7 +102,7 @@ def diffusers_peer(batch_size, iters):
     return row
 
 
-def ours(preset, batch_size, iters, compile_model=True):
+def ours(preset, batch_size, iters, compile_model=True, profile_to=None):
     """(3), (4): exactly train.py's step: make_train_step with bf16, channels_last, EMA, compile."""
     config = make_config(preset, [f"batch_size={batch_size}"])
     model = UNet(config).cuda().to(memory_format=torch.channels_last)
@@ -115,6 +117,8 @@ def ours(preset, batch_size, iters, compile_model=True):
                   f"{' + compile' if compile_model else ''}", lambda: step_fn(x0, eps, alpha_bar, config.learning_rate, config.ema_decay),
                   batch_size, iters, flops=flops)
     row["parameters"] = sum(p.numel() for p in model.parameters())
+    if profile_to:
+        profile(lambda: step_fn(x0, eps, alpha_bar, config.learning_rate, config.ema_decay), profile_to)
     return row
 
 
@@ -131,15 +135,62 @@ def measure(name, step, batch_size, iters, flops=None):
     return row
 
 
-def sampling_speed(sampler, steps, num_images):
+def sampling_speed(sampler, steps, num_images, batch_size, compile):
+    """generate.py's own path (generate_images), preset default, random weights. A warm-up call (one
+    batch, two steps) pays for compiling, which the timed call then reuses."""
     config = make_config("default")
-    model = UNet(config).cuda().to(memory_format=torch.channels_last).sampling_mode()
-    fn = lambda: sample(model, config, num_images, sampler=sampler, steps=steps, device="cuda",
-                        generator=torch.Generator().manual_seed(0))
-    seconds = timed(fn, warmup=1, iters=1)
-    print(f"  sampling {sampler}-{steps}: {num_images / seconds:,.0f} samples/s", flush=True)
-    return dict(name=f"sampling {sampler}-{steps}, preset default", num_images=num_images, seconds=seconds,
-                samples_per_s=num_images / seconds)
+    model = UNet(config).cuda().sampling_mode()
+    if compile == "on":  # compile once, here, so that warm-up and timed call share it
+        model = torch.compile(model.to(memory_format=torch.channels_last), dynamic=False)
+    run = lambda n, steps: generate_images(model, config, n, sampler=sampler, steps=steps, batch_size=batch_size,
+                                           device="cuda", progress=False)
+    run(batch_size, 2)
+    seconds = timed(lambda: run(num_images, steps), warmup=0, iters=1)
+    name = f"sampling {sampler}-{steps}, preset default, batch {batch_size}, {'compiled' if compile == 'on' else 'eager'}"
+    print(f"  {name}: {num_images / seconds:,.0f} samples/s", flush=True)
+    return dict(name=name, num_images=num_images, seconds=seconds, samples_per_s=num_images / seconds)
+
+
+def profile(fn, path, steps=5):
+    """Where the GPU time of fn goes: the top kernels, and a summary by kind, written to path."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in kernels) or 1.0
+    kinds = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
+    with open(path, "w") as f:
+        f.write(f"GPU time per call: {total / steps / 1e3:.2f} ms\n\nby kind:\n")
+        for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
+            f.write(f"  {kind:<40} {100 * us / total:5.1f}%  {us / steps / 1e3:7.2f} ms\n")
+        f.write("\ntop kernels:\n")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:40]:
+            f.write(f"  {100 * e.self_device_time_total / total:5.1f}%  x{e.count // steps:<4} {e.key[:150]}\n")
+    print(f"  profile written to {path}", flush=True)
+
+
+def kernel_kind(name):
+    """A CUDA kernel's kind, from its name. Triton kernels come first: torch.compile names them after
+    every op they fuse, so a bias add fused after a convolution has "convolution" in its name."""
+    name = name.lower()
+    if name.startswith("triton"):
+        return "fused by torch.compile (norms, activations, dropout)"
+    if "flash" in name or "fmha" in name or "attention" in name or "sdpa" in name:
+        return "attention"
+    if any(k in name for k in ("gemm", "conv", "cutlass", "xmma", "wgrad", "dgrad", "sm90_", "nvjet", "cudnn")):
+        return "convolution / matrix multiply (cuDNN, cuBLAS)"
+    if any(k in name for k in ("adam", "foreach", "multi_tensor")):
+        return "optimizer and EMA"
+    if "copy" in name:
+        return "copies (layout changes)"
+    return "other"
 
 
 def write_outputs(results, out):
@@ -172,6 +223,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="generated/bench")
     parser.add_argument("--iters", type=int, default=30, help="timed steps per row")
     parser.add_argument("--sample_images", type=int, default=5000, help="images per sampling measurement")
+    parser.add_argument("--sample_batch", type=int, default=1000, help="images sampled at once")
+    parser.add_argument("--profile", action="store_true", help="also write torch.profiler summaries of (4) and of sampling")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.py measures a CUDA GPU and none is visible")
@@ -186,20 +239,31 @@ if __name__ == "__main__":
     results["bf16_matmul_peak_tflops"] = matmul_peak() / 1e12
     print(f"  bf16 matmul peak: {results['bf16_matmul_peak_tflops']:.0f} TFLOP/s", flush=True)
     for make_row in (lambda: seed_as_it_trained(230, args.iters), lambda: diffusers_peer(256, args.iters),
-                     lambda: ours("seed", 230, args.iters), lambda: ours("default", 230, args.iters)):
+                     lambda: ours("seed", 230, args.iters),
+                     lambda: ours("default", 230, args.iters, profile_to=args.profile and os.path.join(args.out, "profile_train_default.txt"))):
         try:
             results["rows"].append(make_row())
         except Exception as e:  # one failing row must not lose the others
             print(f"  row failed: {type(e).__name__}: {e}", flush=True)
         torch.cuda.empty_cache()
         write_outputs(results, args.out)
-    for sampler, steps, n in (("dpm", 20, args.sample_images), ("ddim", 100, args.sample_images),
-                             ("ddpm", 1000, min(args.sample_images, 500))):
+    b, n = args.sample_batch, args.sample_images
+    for sampler, steps, num_images, compile in (("dpm", 20, n, "off"), ("dpm", 20, n, "on"), ("dpm", 25, n, "on"),
+                                                ("ddim", 100, n // 5, "on"), ("ddpm", 1000, b, "on")):
         try:
-            results["sampling"].append(sampling_speed(sampler, steps, n))
+            results["sampling"].append(sampling_speed(sampler, steps, num_images, b, compile))
         except Exception as e:
             print(f"  sampling failed: {type(e).__name__}: {e}", flush=True)
         write_outputs(results, args.out)
+    if args.profile:
+        config = make_config("default")
+        model = torch.compile(UNet(config).cuda().to(memory_format=torch.channels_last).sampling_mode(), dynamic=False)
+        x, alpha_bar = torch.randn(b, 3, 32, 32, device="cuda"), torch.full((b,), 0.5, device="cuda")
+
+        def forward():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x, alpha_bar)
+        profile(forward, os.path.join(args.out, "profile_sampling_forward.txt"))
 
     print(write_outputs(results, args.out))
 

@@ -116,7 +116,7 @@ def run(args):
         model, config = load_model(args.checkpoint, device, use_ema=not args.no_ema)
         samples = generate_images(model, config, n, sampler=args.sampler, steps=args.steps, eta=args.eta,
                                   clamp=args.clamp, seed=args.seed, batch_size=args.batch_size, device=device,
-                                  progress=True)
+                                  progress=True, compile=args.compile)
         report["samples"] = {"checkpoint": args.checkpoint, "images": n}
         report["sampler"] = {"sampler": args.sampler or config.sampler, "steps": args.steps or config.sampling_steps,
                              "eta": config.eta if args.eta is None else args.eta,

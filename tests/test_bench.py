@@ -18,3 +18,11 @@ def test_table_has_ratios_against_the_seed_and_diffusers(tmp_path):
     assert "50,000 samples in 100 s" in table
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][2]["img_per_s"] == 4000.0
     assert (tmp_path / "bench.md").read_text() == table + "\n"
+
+
+def test_profile_kinds_put_fused_triton_kernels_apart_from_convolutions():
+    from bench import kernel_kind
+    assert kernel_kind("triton_poi_fused__to_copy_add_cat_convolution_native_dropout_silu_71").startswith("fused")
+    assert kernel_kind("sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc").startswith("convolution")
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert kernel_kind("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>").startswith("copies")

@@ -72,3 +72,22 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     line = one_line_error(run_script("generate.py", "--checkpoint", tmp_path / "none.pth", "--device", "cpu",
                                      "--generated_image_save_dir", tmp_path))
     assert "none.pth: no such checkpoint" in line
+
+
+def test_more_images_with_the_same_seed_extend_the_fewer(checkpoint):
+    """6 images in batches of 4 are the first 6 of 8 in batches of 4: the last, short batch is
+    sampled whole and cut (one shape for a compiled network), and draws the same noise."""
+    import torch
+    from generate import generate_images, load_model
+    model, config = load_model(str(checkpoint), "cpu")
+    six = generate_images(model, config, 6, steps=3, batch_size=4, progress=False)
+    eight = generate_images(model, config, 8, steps=3, batch_size=4, progress=False)
+    assert six.shape == (6, 3, 32, 32)
+    assert torch.equal(six, eight[:6])
+    assert not torch.equal(six[4], six[0])
+
+
+def test_batch_size_below_one_is_a_one_line_error(checkpoint, tmp_path):
+    result = run_script("generate.py", "--checkpoint", checkpoint, "--generated_image_save_dir", tmp_path,
+                        "--device", "cpu", "--batch_size", 0)
+    assert "--batch_size 0" in one_line_error(result)

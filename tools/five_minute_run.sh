@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's "five minutes on one GPU" result, end to end: the default data set, preset default
+# The README's "three minutes on one GPU" result (MINUTES=3), end to end: the default data set, preset default
 # trained for $MINUTES minutes (default 5), then a 16 x 8 grid and the sample-quality table.
 #   bash tools/five_minute_run.sh                      # writes into checkpoints/five_minutes/
 #   MINUTES=30 RUN=checkpoints/half_hour bash tools/five_minute_run.sh --batch_size 460
