@@ -11,7 +11,8 @@ Rows:
 FLOPs are counted by torch's FlopCounterMode on one eager training step (forward + backward).
 Also: samples per second with the default network through generate.py's own path, for DPM-Solver-20
 (eager and compiled), DPM-Solver-25 (preset default's), DDIM-100 and DDPM-1000; the card's measured bf16 matrix-multiply peak; and with
---profile, where the GPU time of (4) and of one sampling step goes (torch.profiler).
+--profile, where the GPU time of (4) and of one sampling step goes (torch.profiler). --layouts
+forced contiguous also times (4) with other activation layouts (see ours()).
 """
 import argparse
 import copy
@@ -102,20 +103,32 @@ def diffusers_peer(batch_size, iters):
     return row
 
 
-def ours(preset, batch_size, iters, compile_model=True, profile_to=None):
-    """(3), (4): exactly train.py's step: make_train_step with bf16, channels_last, EMA, compile."""
+LAYOUTS = {  # --layouts: how the default network's activations are laid out in the compiled step
+    "channels_last": "bf16 + channels_last + compile",  # train.py's
+    "forced": "bf16 + channels_last + compile, inductor's channels_last layout forced",
+    "contiguous": "bf16 + compile, no channels_last",
+}
+
+
+def ours(preset, batch_size, iters, layout="channels_last", profile_to=None):
+    """(3), (4): exactly train.py's step: make_train_step with bf16, channels_last, EMA, compile.
+
+    Other layouts are experiments: torch.compile keeps a training graph in NCHW when a convolution
+    has at least twice as many input as output channels (a UNet's decoder), whatever the weights'
+    layout; "forced" overrides that heuristic, "contiguous" drops channels_last altogether."""
     config = make_config(preset, [f"batch_size={batch_size}"])
-    model = UNet(config).cuda().to(memory_format=torch.channels_last)
+    memory_format = torch.contiguous_format if layout == "contiguous" else torch.channels_last
+    model = UNet(config).cuda().to(memory_format=memory_format)
     ema = copy.deepcopy(model).requires_grad_(False) if config.ema_decay > 0 else model
     optimizer = make_optimizer(model, config, fused=True)
-    train_model = torch.compile(model) if compile_model else model
+    train_model = torch.compile(model, options={"force_layout_optimization": True} if layout == "forced" else None)
     step_fn = make_train_step(train_model, model, ema, optimizer, config, torch.bfloat16)
     x0, eps, alpha_bar = batch_for(config, batch_size, "cuda")
-    x0 = x0.contiguous(memory_format=torch.channels_last)
+    x0 = x0.contiguous(memory_format=memory_format)
     flops = flops_of(lambda: make_train_step(model, model, ema, optimizer, config, torch.bfloat16)(x0, eps, alpha_bar, 0.0, 0.999))
-    row = measure(f"({'3' if preset == 'seed' else '4'}) train.py step, preset {preset}, bf16 + channels_last"
-                  f"{' + compile' if compile_model else ''}", lambda: step_fn(x0, eps, alpha_bar, config.learning_rate, config.ema_decay),
-                  batch_size, iters, flops=flops)
+    label = ("3" if preset == "seed" else "4") + {"channels_last": "", "forced": "b", "contiguous": "c"}[layout]
+    row = measure(f"({label}) train.py step, preset {preset}, {LAYOUTS[layout]}",
+                  lambda: step_fn(x0, eps, alpha_bar, config.learning_rate, config.ema_decay), batch_size, iters, flops=flops)
     row["parameters"] = sum(p.numel() for p in model.parameters())
     if profile_to:
         profile(lambda: step_fn(x0, eps, alpha_bar, config.learning_rate, config.ema_decay), profile_to)
@@ -225,6 +238,8 @@ if __name__ == "__main__":
     parser.add_argument("--sample_images", type=int, default=5000, help="images per sampling measurement")
     parser.add_argument("--sample_batch", type=int, default=1000, help="images sampled at once")
     parser.add_argument("--profile", action="store_true", help="also write torch.profiler summaries of (4) and of sampling")
+    parser.add_argument("--layouts", nargs="*", default=[], choices=["forced", "contiguous"],
+                        help="also time (4) with other activation layouts (see ours())")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.py measures a CUDA GPU and none is visible")
@@ -238,9 +253,11 @@ if __name__ == "__main__":
     results = dict(card=card, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=[], sampling=[])
     results["bf16_matmul_peak_tflops"] = matmul_peak() / 1e12
     print(f"  bf16 matmul peak: {results['bf16_matmul_peak_tflops']:.0f} TFLOP/s", flush=True)
-    for make_row in (lambda: seed_as_it_trained(230, args.iters), lambda: diffusers_peer(256, args.iters),
-                     lambda: ours("seed", 230, args.iters),
-                     lambda: ours("default", 230, args.iters, profile_to=args.profile and os.path.join(args.out, "profile_train_default.txt"))):
+    profile_to = lambda layout: args.profile and os.path.join(args.out, f"profile_train_default_{layout}.txt")
+    rows = [lambda: seed_as_it_trained(230, args.iters), lambda: diffusers_peer(256, args.iters),
+            lambda: ours("seed", 230, args.iters), lambda: ours("default", 230, args.iters, profile_to=profile_to("channels_last"))]
+    rows += [lambda layout=layout: ours("default", 230, args.iters, layout, profile_to(layout)) for layout in args.layouts]
+    for make_row in rows:
         try:
             results["rows"].append(make_row())
         except Exception as e:  # one failing row must not lose the others

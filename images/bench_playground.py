@@ -265,6 +265,8 @@ def main(argv=None):
         dict(plain, name="seed", what="seed: batch 1, eager, PNG saved in the loop", batch_size=1, seed_loop=True),
         dict(plain, name="ours", what=f"ours: batch {b}, eager"),
         dict(plain, name="ours_compiled", what=f"ours: batch {b}, channels_last, torch.compile(UNet)", compile=True),
+        dict(plain, name="ours_bf16", what=f"ours: batch {b}, bf16 (the VAE decodes in bf16, not upcast to fp32), eager",
+             dtype=torch.bfloat16),
         dict(plain, name="ours_half_size", what=f"ours at {half}x{half}: batch {2 * b}, eager", size=half,
              batch_size=2 * b),
         dict(plain, name="ours_no_cfg", what=f"ours, guidance 1 (no classifier-free guidance): batch {b}, eager",
@@ -273,6 +275,8 @@ def main(argv=None):
     ]
     if not args.compile:
         settings = [s for s in settings if not s["compile"]]
+    if device.type != "cuda":  # bf16 is a GPU setting
+        settings = [s for s in settings if "dtype" not in s]
     step_points = (2, 6) if args.tiny else (3, 11)
     rows = []
     for setting in settings:
@@ -290,6 +294,8 @@ def main(argv=None):
                 torch.backends.cudnn.benchmark = True  # the seed ran without it, so it is set after
         if setting["compile"]:
             generate_image.speed_up(pipe, channels_last=True, compile_unet=True)
+        if "dtype" in setting:
+            pipe.to(dtype=setting["dtype"])
         try:
             result = measure(pipe, setting, device, scratch, step_points, warmups=2 if setting["compile"] else 1)
         except Exception as error:  # one failed setting (say, out of memory) must not lose the others
@@ -303,6 +309,8 @@ def main(argv=None):
             pipe.unet = eager_unet
             pipe.unfuse_qkv_projections()
             eager_unet.to(memory_format=torch.contiguous_format)
+        if "dtype" in setting:
+            pipe.to(dtype=dtype)
         if result is None:
             continue
         rows.append(dict(setting, **result))
