@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -177,16 +178,25 @@ def main(argv=None):
         warn_cpu_speed(model, config, steps_per_epoch)
 
     # ---- the loop ------------------------------------------------------------------------------------
+    writer, writing = ThreadPoolExecutor(max_workers=1), []
+
     def save(path):
-        """Everything needed to continue exactly here; rank 0 alone writes."""
+        """Everything needed to continue exactly here; rank 0 alone writes. The state is copied to
+        the CPU now and written to disk in the background while training goes on, one file at a time."""
         if master:
-            save_checkpoint(path, {
+            finish_writing()
+            state = on_cpu({
                 "format": CHECKPOINT_FORMAT, "config": config_to_dict(config), "preset": args.preset,
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_validation_loss": best_val,
                 "rng": {"torch": torch.get_rng_state(), "noise": noise_generator.get_state(),
                         "cuda": torch.cuda.get_rng_state(device) if use_cuda else None},
             })
+            writing.append(writer.submit(save_checkpoint, path, state))
+
+    def finish_writing():
+        while writing:
+            writing.pop().result()  # a failed write raises here
 
     stop_requested = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -261,6 +271,7 @@ def main(argv=None):
             if epoch % args.save_every == 0:
                 save(os.path.join(ckpt_dir, f"{epoch}.pth"))
         save(latest_path)
+    finish_writing()
     bar.close()
     say(f"stopped: {stop_reason or f'finished {args.num_epochs} epochs'}; epoch {epoch}, step {step}; "
         f"checkpoint {latest_path}")
@@ -343,6 +354,17 @@ def preview_samples(ema, config, device, n=16):
 
 
 # ---- checkpoints: one file, weights_only-loadable, written atomically ----------------------------------
+
+def on_cpu(state):
+    """A copy of a (nested) state with every tensor on the CPU, which training cannot change."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_cpu(v) for v in state)
+    return state
+
 
 def save_checkpoint(path, state):
     tmp = f"{path}.tmp{os.getpid()}"

@@ -80,6 +80,29 @@ def test_interrupt_and_resume_is_exact(data, tmp_path):
         [r["train_loss"] for r in log_records(straight, "train")], rel=1e-6)
 
 
+def test_an_epoch_checkpoint_written_while_training_went_on_resumes_exactly(data, tmp_path):
+    # Checkpoints are written in the background; 1.pth must hold step 4's state, not a later one.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(data, straight, "--max_steps", 8, "--save_every", 1, "--seed", 5)
+    assert state_of(straight / "1.pth")["step"] == 4
+    resumed.mkdir()
+    (resumed / "latest_model.pth").write_bytes((straight / "1.pth").read_bytes())
+    train(data, resumed, "--max_steps", 8, "--seed", 5)
+    a, b = state_of(straight / "latest_model.pth"), state_of(resumed / "latest_model.pth")
+    for key in ("model", "ema", "optimizer", "rng"):
+        assert_same_tensors(a[key], b[key], key)
+
+
+def test_the_state_to_write_is_a_copy_that_training_cannot_change():
+    from train import on_cpu
+    weights = torch.zeros(3)
+    state = {"model": {"w": weights}, "optimizer": {"state": {0: {"exp_avg": weights}}, "param_groups": [{"params": [0]}]}}
+    copied = on_cpu(state)
+    weights += 1
+    assert copied["model"]["w"].sum() == 0 and copied["optimizer"]["state"][0]["exp_avg"].sum() == 0
+    assert copied["optimizer"]["param_groups"] == [{"params": [0]}]
+
+
 def test_checkpoint_holds_everything_and_loads_weights_only(data, tmp_path):
     train(data, tmp_path, "--max_steps", 8, "--save_every", 1)
     checkpoint = torch.load(tmp_path / "latest_model.pth", weights_only=True)
