@@ -47,6 +47,11 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected True or False (or 1/0), got {text!r}")
 
 
+def parse_compile(text):
+    """--compile: True/False like parse_bool, or "regional"."""
+    return "regional" if str(text).strip().lower() == "regional" else parse_bool(text)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Generate images of one prompt with playground-v2.5 (or any diffusers text-to-image "
@@ -74,9 +79,10 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="auto: fp16 on CUDA (as playground-v2.5 ships), fp32 elsewhere; with bf16 the "
                              "VAE also decodes in bf16 (an fp16 VAE is upcast to fp32 for decoding)")
-    parser.add_argument("--compile", type=parse_bool, nargs="?", const=True, default=False,
-                        help="torch.compile the UNet (the first batch, and a smaller last batch, then take a "
-                             "minute or two more)")
+    parser.add_argument("--compile", type=parse_compile, nargs="?", const=True, default=False,
+                        help="torch.compile the UNet (True/False; the first batch, and a smaller last batch, then "
+                             "take a minute or two more), or 'regional': compile only its repeated transformer "
+                             "blocks, once for all of them (faster to compile)")
     parser.add_argument("--channels_last", type=parse_bool, nargs="?", const=True, default=False,
                         help="channels_last memory format for the UNet")
     parser.add_argument("--save_threads", type=int, default=4, help="threads that encode and write PNGs")
@@ -233,14 +239,19 @@ def _first_line(error):
 def speed_up(pipe, *, channels_last=False, compile_unet=False):
     """Optional GPU speed-ups of the UNet, which does nearly all of the work. Compiling also fuses
     each attention's q, k, v projections into one matmul and lets inductor run 1x1 convolutions as
-    matmuls (the settings of diffusers' SDXL speed-up guide); neither changes the maths."""
+    matmuls (the settings of diffusers' SDXL speed-up guide); neither changes the maths.
+    compile_unet="regional" compiles only the UNet's repeated transformer blocks (diffusers'
+    compile_repeated_blocks), in place: one compilation serves them all."""
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
     if compile_unet:
         if hasattr(pipe, "fuse_qkv_projections"):
             pipe.fuse_qkv_projections()
         torch._inductor.config.conv_1x1_as_mm = True
-        pipe.unet = torch.compile(pipe.unet)
+        if compile_unet == "regional":
+            pipe.unet.compile_repeated_blocks()
+        else:
+            pipe.unet = torch.compile(pipe.unet)
     return pipe
 
 
