@@ -196,7 +196,11 @@ def main(argv=None):
 
     def finish_writing():
         while writing:
-            writing.pop().result()  # a failed write raises here
+            try:
+                writing.pop().result()
+            except UserError:  # a failed write: end the progress bar's line before the error's
+                bar.close()
+                raise
 
     stop_requested = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -368,11 +372,17 @@ def on_cpu(state):
 
 def save_checkpoint(path, state):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a kill leaves either the old file or the new one
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a kill leaves either the old file or the new one
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}); free some disk space or "
+                        f"pass another --model_checkpoint_dir") from None
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -146,6 +146,18 @@ def test_bad_flags_are_one_line_errors(data, tmp_path):
         assert expected in line, line
 
 
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(data, tmp_path):
+    # A folder where latest_model.pth should go: the write fails as a full disk would, after training.
+    (tmp_path / "latest_model.pth").mkdir()
+    (tmp_path / "latest_model.pth" / "keep").write_text("mine")
+    result = run_script("train.py", *tiny_train_args(data[0], data[1], str(tmp_path), "--fresh", "--max_steps", 2))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().split("\n")[-1]  # after the progress bar, on a line of its own
+    assert last.startswith("error: ") and "latest_model.pth: cannot write the checkpoint" in last, last
+    assert (tmp_path / "latest_model.pth" / "keep").read_text() == "mine"
+    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+
+
 def test_ctrl_c_saves_an_exact_checkpoint(data, tmp_path):
     args = [PYTHON, os.path.join(REPO, "train.py"), *tiny_train_args(data[0], data[1], str(tmp_path), "--num_epochs", 10000)]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
