@@ -47,8 +47,9 @@ def flops_of(fn):
     return counter.get_total_flops()
 
 
-def matmul_peak(n=8192):
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+def matmul_peak(n=8192, dtype=torch.bfloat16):
+    """The card's measured matrix-multiply rate in FLOP/s: the peak that "% of peak" refers to."""
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
     seconds = timed(lambda: a @ b, warmup=3, iters=20)
     return 2 * n ** 3 / seconds
 

@@ -18,8 +18,15 @@ the per-image time is fitted as fixed + steps * per_step, which extrapolates to 
 without running them all (only the scheduler's step count changes, not the work per step). The
 seed's setting is also run once at its full 50 steps to check the fit.
 
+Each row also says how fast the UNet runs: its FLOPs per evaluation are counted (FlopCounterMode on a
+weightless meta-device copy), times two with classifier-free guidance, over the fitted time per
+step; on CUDA as a share of the card's measured fp16 matrix-multiply peak. One call of our loop is
+also split into text encoders, UNet, VAE decode and the rest (each part synchronised), and with
+--profile the UNet's GPU time is broken down by kernel kind (what torch.compile can fuse).
+
     python images/bench_playground.py                    # CUDA: about 3 to 4 minutes on an H100
     python images/bench_playground.py --tiny --device cpu  # tiny configurations, checks the code
+    python images/bench_playground.py --flops              # FLOPs per UNet evaluation and VAE decode; no GPU
 Writes <out>/bench_playground.json and .md (the table, also printed).
 """
 
@@ -38,6 +45,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: bench.py
 import generate_image  # noqa: E402
 from downsample import downsample_image  # noqa: E402
 
@@ -94,6 +102,11 @@ def parse_args(argv=None):
                         help="also time the torch.compile'd UNet (slow to compile: skipped if the budget is short)")
     parser.add_argument("--grids", type=generate_image.parse_bool, nargs="?", const=True, default=None,
                         help="save 32x32 sample grids per setting (default: with --model_name or --tiny)")
+    parser.add_argument("--flops", action="store_true",
+                        help="print the FLOPs of one UNet evaluation and one VAE decode at each size, then exit "
+                             "(counted on the meta device: no GPU, no weights)")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA: also write where the UNet's GPU time goes, by kernel kind")
     parser.add_argument("--time_budget", type=float, default=225,
                         help="seconds; settings that would start too late are skipped and say so")
     return parser.parse_args(argv)
@@ -148,6 +161,42 @@ def random_pipeline(tiny, device, dtype, scratch):
                                      scheduler=EDMDPMSolverMultistepScheduler(), add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
+
+
+def unet_inputs(unet_config, vae_config, batch, size, device, dtype):
+    """Keyword arguments of one UNet evaluation of `batch` latents for size x size images, as the
+    SDXL pipeline passes them: 77 text tokens, the pooled text embedding and 6 size/crop numbers."""
+    latent = size // 2 ** (len(vae_config.block_out_channels) - 1)
+    pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+    return dict(sample=make(batch, unet_config.in_channels, latent, latent), timestep=torch.ones(batch, device=device),
+                encoder_hidden_states=make(batch, 77, unet_config.cross_attention_dim),
+                added_cond_kwargs=dict(text_embeds=make(batch, pooled), time_ids=make(batch, 6)))
+
+
+def count_flops(unet_config, vae_config, size):
+    """TFLOP of one UNet evaluation (one image, one branch of classifier-free guidance) and of one VAE
+    decode, at size x size pixels: FlopCounterMode over weightless copies on the meta device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
+        inputs = unet_inputs(unet.config, vae.config, 1, size, "meta", torch.float32)
+        with FlopCounterMode(display=False) as unet_counter:
+            unet(**inputs)
+        with FlopCounterMode(display=False) as vae_counter:
+            vae.decode(inputs["sample"])
+    return dict(unet_tflop_per_eval=unet_counter.get_total_flops() / 1e12,
+                vae_decode_tflop=vae_counter.get_total_flops() / 1e12)
+
+
+def unet_tflops(row, flops):
+    """TFLOP/s the UNet reaches in a row: FLOPs per image per step over the fitted time per step
+    (two evaluations per step with classifier-free guidance, which the pipeline skips at guidance 1)."""
+    evaluations = 2 if row["guidance_scale"] > 1 else 1
+    return flops[row["size"]]["unet_tflop_per_eval"] * evaluations / row["step_s_per_image"]
 
 
 def synchronize(device):
@@ -208,6 +257,34 @@ def measure(pipe, setting, device, scratch, step_points, warmups):
     return result
 
 
+def time_components(pipe, device, scratch, batch_size, size, steps, guidance_scale):
+    """Seconds per image in each part of one call of our loop at `steps` steps: text encoders, UNet
+    (all steps), VAE decode, and the rest (scheduler, latents to PIL, PNG writing). Each part is
+    timed between CUDA synchronisations, so the parts add up to the call."""
+    parts = dict(text_encoders=0.0, unet=0.0, vae_decode=0.0)
+    wrapped = [(pipe, "encode_prompt", "text_encoders"), (pipe.unet, "forward", "unet"), (pipe.vae, "decode", "vae_decode")]
+
+    def timed_part(function, part):
+        def call(*args, **kwargs):
+            synchronize(device)
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            synchronize(device)
+            parts[part] += time.perf_counter() - start
+            return result
+        return call
+    for owner, attribute, part in wrapped:  # an instance attribute shadows the method
+        setattr(owner, attribute, timed_part(getattr(owner, attribute), part))
+    try:
+        total = time_loop(our_loop, device, pipe=pipe, count=batch_size, directory=tempfile.mkdtemp(dir=scratch),
+                          steps=steps, guidance_scale=guidance_scale, size=size, batch_size=batch_size)
+    finally:
+        for owner, attribute, _ in wrapped:
+            delattr(owner, attribute)
+    parts["other"] = total - sum(parts.values())
+    return dict({part: seconds / batch_size for part, seconds in parts.items()}, steps=steps, batch_size=batch_size)
+
+
 def grid(pipe, setting, count, scratch):
     """count images of `setting` (indices 0.., seed 0), each downsampled to 32x32, in one row-major grid."""
     directory = tempfile.mkdtemp(dir=scratch)
@@ -226,6 +303,14 @@ def grid(pipe, setting, count, scratch):
 def main(argv=None):
     args = parse_args(argv)
     wall_start = time.perf_counter()
+    full, half = (32, 16) if args.tiny else (1024, 512)
+    if args.flops:
+        for size in (full, half):
+            counted = count_flops(TINY_UNET if args.tiny else SDXL_UNET, TINY_VAE if args.tiny else SDXL_VAE, size)
+            print(f"{size}x{size}: UNet {counted['unet_tflop_per_eval']:.4g} TFLOP per evaluation "
+                  f"({2 * counted['unet_tflop_per_eval']:.4g} per image per step with classifier-free guidance), "
+                  f"VAE decode {counted['vae_decode_tflop']:.4g} TFLOP per image")
+        return
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # random weights may give NaN pixels
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -234,7 +319,6 @@ def main(argv=None):
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny ops gain nothing from threads; on a busy machine they distort timings
-    full, half = (32, 16) if args.tiny else (1024, 512)
     make_grids = args.grids if args.grids is not None else bool(args.model_name or args.tiny)
     os.makedirs(args.out, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix="bench_playground_")
@@ -253,6 +337,11 @@ def main(argv=None):
     # full size: unet 2,567,463,684, vae 83,653,863, text_encoder 123,060,480, text_encoder_2 694,659,840
     parameters = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
                   for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    flops = {size: count_flops(pipe.unet.config, pipe.vae.config, size) for size in (full, half)}
+    peak = None
+    if device.type == "cuda":
+        from bench import matmul_peak  # bench.py, at the repository's root
+        peak = matmul_peak(dtype=dtype) / 1e12
     print(f"pipeline ready in {build_s:.0f} s ({'random' if not args.model_name else args.model_name} weights, "
           f"{str(dtype).replace('torch.', '')}, {device})", flush=True)
 
@@ -326,10 +415,21 @@ def main(argv=None):
             rows[-1]["measured_50_steps_s_per_image"] = measured
             print(f"seed at 50 steps: measured {measured:.2f} s, fit "
                   f"{result['fixed_s_per_image'] + 50 * result['step_s_per_image']:.2f} s", flush=True)
-        write_report(args, rows, {}, device, dtype, parameters, build_s, wall_start)
+        if setting["name"] == "ours":  # where one call's time goes, and with --profile the UNet's kernels
+            parts = time_components(pipe, device, scratch, b, full, step_points[1], g)
+            rows[-1]["components_s_per_image"] = parts
+            print(f"one call, {parts['steps']} steps, per image: " + ", ".join(
+                f"{part} {parts[part]:.3f} s" for part in ("text_encoders", "unet", "vae_decode", "other")), flush=True)
+            if args.profile and device.type == "cuda":
+                from bench import profile
+                inputs = unet_inputs(pipe.unet.config, pipe.vae.config, 2 * b, full, device, dtype)
+                with torch.no_grad():
+                    profile(lambda: pipe.unet(**inputs), os.path.join(args.out, "bench_playground_profile_unet.txt"),
+                            steps=3)
+        write_report(args, rows, {}, device, dtype, parameters, build_s, wall_start, flops, peak)
 
     grids = {}
-    report = write_report(args, rows, grids, device, dtype, parameters, build_s, wall_start)
+    report = write_report(args, rows, grids, device, dtype, parameters, build_s, wall_start, flops, peak)
     if make_grids:
         for size, steps, guidance in ((full, 50, g), (full, 25, g), (half, 50, g), (half, 25, g), (full, 50, 1.0)):
             if not args.tiny and time.perf_counter() - wall_start > args.time_budget + 120:
@@ -343,14 +443,14 @@ def main(argv=None):
                 print(f"grid {name} failed: {type(error).__name__}: {error}", flush=True)
                 continue
             grids[f"{size}px, {steps} steps, guidance {guidance}"] = name
-        report = write_report(args, rows, grids, device, dtype, parameters, build_s, wall_start)
+        report = write_report(args, rows, grids, device, dtype, parameters, build_s, wall_start, flops, peak)
     print("\n" + report["heading"] + report["table"])
     print(f"\nwritten: {os.path.join(args.out, 'bench_playground.json')}, bench_playground.md"
           + (f", {len(grids)} grids" if grids else "") + f"; total {report['total_s']:.0f} s")
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def write_report(args, rows, grids, device, dtype, parameters, build_s, wall_start):
+def write_report(args, rows, grids, device, dtype, parameters, build_s, wall_start, flops, peak):
     """bench_playground.json and .md in --out, rewritten after every setting: a crash keeps what was measured."""
     import diffusers
 
@@ -364,9 +464,20 @@ def write_report(args, rows, grids, device, dtype, parameters, build_s, wall_sta
         method=("per-image time = fixed + steps * per_step, fitted from two timed loops at step_points "
                 "(whole pipeline calls incl. text encoders, VAE decode, PIL, PNG writing), extrapolated to "
                 "25 and 50 steps; images per hour = 3600 / seconds per image"),
-        settings=rows, table=build_table(rows), grids=grids)
+        flops_tflop={str(size): counted for size, counted in flops.items()}, matmul_peak_tflops=peak,
+        settings=rows, table=build_table(rows, flops, peak), grids=grids)
     report["heading"] = (f"playground-v2.5 generation, {report['device']}, {report['dtype']}, {report['weights']} "
-                         f"weights, torch {report['torch']}, diffusers {report['diffusers']}, {report['date']}\n\n")
+                         f"weights, torch {report['torch']}, diffusers {report['diffusers']}, {report['date']}"
+                         + (f", {report['dtype']} matmul peak {peak:.0f} TFLOP/s" if peak else "") + "\n\n"
+                         + "".join(f"UNet at {size} px: {c['unet_tflop_per_eval']:.3g} TFLOP per evaluation (two per "
+                                   f"image and step with guidance); VAE decode {c['vae_decode_tflop']:.3g} TFLOP per "
+                                   "image\n" for size, c in flops.items()) + "\n")
+    ours = next((r for r in rows if "components_s_per_image" in r), None)
+    if ours:
+        parts = ours["components_s_per_image"]
+        report["heading"] += (f"One call of ours ({parts['batch_size']} images, {parts['steps']} steps), seconds per "
+                              "image: " + ", ".join(f"{part.replace('_', ' ')} {parts[part]:.3f}" for part in
+                                                    ("text_encoders", "unet", "vae_decode", "other")) + "\n\n")
     with open(os.path.join(args.out, "bench_playground.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     with open(os.path.join(args.out, "bench_playground.md"), "w") as f:
@@ -374,16 +485,16 @@ def write_report(args, rows, grids, device, dtype, parameters, build_s, wall_sta
     return report
 
 
-def build_table(rows):
+def build_table(rows, flops, peak=None):
     """Markdown table: every measured setting at 50 and 25 steps, with the speed-up over the
-    seed's setting at the same steps and size."""
+    seed's setting at the same steps and size, and the UNet's TFLOP/s (and share of the peak)."""
     seed = next((r for r in rows if r["name"] == "seed" and "fixed_s_per_image" in r), None)
-    lines = ["| setting | size | steps | s/image | images/hour | vs seed (same steps, size) | peak GPU memory |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | size | steps | s/image | images/hour | vs seed (same steps, size) | UNet TFLOP/s "
+             "| peak GPU memory |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "fixed_s_per_image" not in row or row["step_s_per_image"] <= 0:
             reason = row.get("skipped") or row.get("error") or "timing noise (time per step <= 0): rerun"
-            lines.append(f"| {row['what']} | {row['size']} | - | - | - | {reason} | - |")
+            lines.append(f"| {row['what']} | {row['size']} | - | - | - | {reason} | - | - |")
             continue
         for steps in (50, 25):
             seconds = row["fixed_s_per_image"] + steps * row["step_s_per_image"]
@@ -391,8 +502,10 @@ def build_table(rows):
             if seed and row["size"] == seed["size"]:
                 vs = f"{(seed['fixed_s_per_image'] + steps * seed['step_s_per_image']) / seconds:.2f}x"
             memory = f"{row['peak_memory_gib']} GiB" if "peak_memory_gib" in row else "-"
+            rate = unet_tflops(row, flops)
+            rate = f"{rate:.0f} ({100 * rate / peak:.0f}%)" if peak else f"{rate:.3g}"
             lines.append(f"| {row['what']} | {row['size']} | {steps} | {seconds:.3f} | {3600 / seconds:,.0f} | "
-                         f"{vs} | {memory} |")
+                         f"{vs} | {rate} | {memory} |")
     return "\n".join(lines)
 
 

@@ -253,3 +253,45 @@ def test_bench_builds_playground_v2_5_full_size_architecture():
     counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
     assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
                       "text_encoder_2": 694_659_840}
+
+
+def test_bench_counts_the_flops_of_playground_v2_5():
+    """The UNet and VAE FLOPs the README's analysis of the speed goal rests on, counted on the meta
+    device: one UNet evaluation at 1024x1024 (128x128 latents, 77 text tokens) and one VAE decode."""
+    import bench_playground
+
+    counted = bench_playground.count_flops(bench_playground.SDXL_UNET, bench_playground.SDXL_VAE, 1024)
+    assert counted["unet_tflop_per_eval"] == pytest.approx(6.761, rel=0.005)
+    assert counted["vae_decode_tflop"] == pytest.approx(10.47, rel=0.005)
+
+
+def test_bench_unet_rate_counts_two_evaluations_per_step_with_guidance():
+    import bench_playground
+
+    flops = {32: dict(unet_tflop_per_eval=3.0, vae_decode_tflop=1.0)}
+    row = dict(size=32, step_s_per_image=0.5)
+    assert bench_playground.unet_tflops(dict(row, guidance_scale=3.0), flops) == pytest.approx(12.0)
+    assert bench_playground.unet_tflops(dict(row, guidance_scale=1.0), flops) == pytest.approx(6.0)
+
+
+def test_tiny_bench_times_every_setting_and_splits_one_call(tmp_path):
+    """bench_playground.py end to end on the tiny configurations (CPU, no compile rows, no grids):
+    every setting gets a fitted time, a table line per step count, and one call of ours is split into
+    its parts. Timing values are not checked, only that they were measured."""
+    import bench_playground
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        bench_playground.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--compile", "False",
+                               "--grids", "False"])
+    report = json.loads((tmp_path / "bench_playground.json").read_text())
+    rows = {row["name"]: row for row in report["settings"]}
+    assert set(rows) == {"seed", "ours", "ours_half_size", "ours_no_cfg", "ours_batch_2x"}
+    assert all("fixed_s_per_image" in row for row in rows.values())
+    assert "measured_50_steps_s_per_image" in rows["seed"]
+    parts = rows["ours"]["components_s_per_image"]
+    assert all(parts[part] > 0 for part in ("text_encoders", "unet", "vae_decode"))
+    assert parts["other"] >= 0 and (parts["steps"], parts["batch_size"]) == (6, 4)
+    assert set(report["flops_tflop"]) == {"32", "16"}
+    table = (tmp_path / "bench_playground.md").read_text()
+    assert "UNet TFLOP/s" in table and "One call of ours" in table
+    assert all(f"| {row['what']} |" in table for row in rows.values())

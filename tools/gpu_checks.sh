@@ -4,7 +4,7 @@
 #   bench   bash bench.sh --profile --layouts forced contiguous (table, JSON, profiles); builds the data set meanwhile
 #   tests   bash test.sh's GPU tests (pytest -m gpu)
 #   train   tools/five_minute_run.sh (MINUTES, default 5): grid, loss curve, log and evaluation copied out
-#   playground  images/bench_playground.py on full-size random weights (BUDGET seconds, default 420)
+#   playground  images/bench_playground.py --profile on full-size random weights (BUDGET seconds, default 420)
 # Run "bench" before "train" on the same machine: it leaves torch.compile's cache warm. Each part
 # writes at most eight files into OUT_DIR; a part's output ends with the time it finished.
 set -euo pipefail
@@ -42,7 +42,7 @@ for part in "$@"; do
         cp checkpoints/five_minutes/{generated_images_16x8.png,loss_curve.png,log.jsonl,evaluation.json} "$OUT_DIR/"
         ;;
     playground)
-        "$PY" images/bench_playground.py --time_budget "${BUDGET:-420}" --out "$OUT_DIR"
+        "$PY" images/bench_playground.py --profile --time_budget "${BUDGET:-420}" --out "$OUT_DIR"
         ;;
     esac
     echo "$part done: $(date -u +%FT%TZ)"
