@@ -11,8 +11,11 @@ to PIL images) and the PNG writing.
 - seed: one image per call, prompt re-encoded each call, PNG saved before the next call, eager
   fp16 (images/generate_image.py of the seed).
 - ours: images/generate_image.py's loop: --batch_size images per call, one CPU generator per
-  image, PNGs written on background threads (drained at the end of every timed loop, so the last
-  batch's writing counts against us), cuDNN autotuning; optionally channels_last and torch.compile.
+  image, PNGs written on background threads, cuDNN autotuning; optionally channels_last and
+  torch.compile. In a long run each batch's PNGs are written while the GPU makes the next batch, so
+  a timed loop ends when its last batch is handed to the writer; the writer then finishes outside
+  the timing, and the longest such wait is recorded as png_drain_s (the writing keeps up while it
+  is shorter than one batch's time).
 Each setting is timed at two small step counts (after warm-up calls, with CUDA synchronised), and
 the per-image time is fitted as fixed + steps * per_step, which extrapolates to 25 and 50 steps
 without running them all (only the scheduler's step count changes, not the work per step). The
@@ -212,12 +215,10 @@ def seed_loop(pipe, count, directory, steps, guidance_scale, size):
         image.save(os.path.join(directory, f"{k}.png"))
 
 
-def our_loop(pipe, count, directory, steps, guidance_scale, size, batch_size):
-    """images/generate_image.py's loop."""
-    writer = generate_image.PngWriter(directory)
+def our_loop(pipe, count, writer, steps, guidance_scale, size, batch_size):
+    """images/generate_image.py's loop; the caller drains `writer` (a generate_image.PngWriter)."""
     generate_image.generate(pipe, list(range(count)), writer, prompt=PROMPT, seed=0, batch_size=batch_size,
                             num_inference_steps=steps, guidance_scale=guidance_scale, height=size, width=size)
-    writer.close()
 
 
 def time_loop(loop, device, **kwargs):
@@ -234,24 +235,38 @@ def measure(pipe, setting, device, scratch, step_points, warmups):
     batch = setting["batch_size"]
     count = batch * max(1, math.ceil(2 / batch))  # at least 2 images, whole batches
     directory = tempfile.mkdtemp(dir=scratch)
-    if setting["seed_loop"]:
+    writer = None if setting["seed_loop"] else generate_image.PngWriter(directory)
+    if writer is None:
         loop = dict(loop=seed_loop, pipe=pipe, directory=directory, guidance_scale=setting["guidance_scale"],
                     size=setting["size"])
     else:
-        loop = dict(loop=our_loop, pipe=pipe, directory=directory, guidance_scale=setting["guidance_scale"],
+        loop = dict(loop=our_loop, pipe=pipe, writer=writer, guidance_scale=setting["guidance_scale"],
                     size=setting["size"], batch_size=batch)
+    drains = []
+
+    def seconds_per_image(count, steps):
+        seconds = time_loop(device=device, count=count, steps=steps, **loop) / count
+        if writer is not None:  # the last batch's PNGs, written after the timing (see the module's docstring)
+            started = time.perf_counter()
+            writer.wait()
+            drains.append(time.perf_counter() - started)
+        return seconds
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for _ in range(warmups):  # cuDNN autotuning, torch.compile, allocator growth
-        time_loop(device=device, count=batch, steps=s_lo, **loop)
+        seconds_per_image(batch, s_lo)
     warmup_s = time.perf_counter() - started
-    t_lo = time_loop(device=device, count=count, steps=s_lo, **loop) / count
-    t_hi = time_loop(device=device, count=count, steps=s_hi, **loop) / count
+    t_lo = seconds_per_image(count, s_lo)
+    t_hi = seconds_per_image(count, s_hi)
+    if writer is not None:
+        writer.close()
     shutil.rmtree(directory, ignore_errors=True)
     per_step = (t_hi - t_lo) / (s_hi - s_lo)
     result = dict(fixed_s_per_image=t_lo - s_lo * per_step, step_s_per_image=per_step,
                   timed_images_per_point=count, step_points=[s_lo, s_hi], warmup_s=round(warmup_s, 1))
+    if drains:
+        result["png_drain_s"] = max(drains[-2:])
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return result
@@ -259,8 +274,8 @@ def measure(pipe, setting, device, scratch, step_points, warmups):
 
 def time_components(pipe, device, scratch, batch_size, size, steps, guidance_scale):
     """Seconds per image in each part of one call of our loop at `steps` steps: text encoders, UNet
-    (all steps), VAE decode, and the rest (scheduler, latents to PIL, PNG writing). Each part is
-    timed between CUDA synchronisations, so the parts add up to the call."""
+    (all steps), VAE decode, and the rest (scheduler, latents to PIL images). Each part is timed
+    between CUDA synchronisations, so the parts add up to the call."""
     parts = dict(text_encoders=0.0, unet=0.0, vae_decode=0.0)
     wrapped = [(pipe, "encode_prompt", "text_encoders"), (pipe.unet, "forward", "unet"), (pipe.vae, "decode", "vae_decode")]
 
@@ -275,12 +290,14 @@ def time_components(pipe, device, scratch, batch_size, size, steps, guidance_sca
         return call
     for owner, attribute, part in wrapped:  # an instance attribute shadows the method
         setattr(owner, attribute, timed_part(getattr(owner, attribute), part))
+    writer = generate_image.PngWriter(tempfile.mkdtemp(dir=scratch))
     try:
-        total = time_loop(our_loop, device, pipe=pipe, count=batch_size, directory=tempfile.mkdtemp(dir=scratch),
-                          steps=steps, guidance_scale=guidance_scale, size=size, batch_size=batch_size)
+        total = time_loop(our_loop, device, pipe=pipe, count=batch_size, writer=writer, steps=steps,
+                          guidance_scale=guidance_scale, size=size, batch_size=batch_size)
     finally:
         for owner, attribute, _ in wrapped:
             delattr(owner, attribute)
+        writer.close()
     parts["other"] = total - sum(parts.values())
     return dict({part: seconds / batch_size for part, seconds in parts.items()}, steps=steps, batch_size=batch_size)
 
@@ -288,8 +305,10 @@ def time_components(pipe, device, scratch, batch_size, size, steps, guidance_sca
 def grid(pipe, setting, count, scratch):
     """count images of `setting` (indices 0.., seed 0), each downsampled to 32x32, in one row-major grid."""
     directory = tempfile.mkdtemp(dir=scratch)
-    our_loop(pipe, count, directory, setting["steps_for_grid"], setting["guidance_scale"], setting["size"],
+    writer = generate_image.PngWriter(directory)
+    our_loop(pipe, count, writer, setting["steps_for_grid"], setting["guidance_scale"], setting["size"],
              min(setting["batch_size"], count))
+    writer.close()
     tiles = [downsample_image(Image.open(os.path.join(directory, f"{i}.png")), 32, 32) for i in range(count)]
     columns = 8
     rows = math.ceil(count / columns)
@@ -407,7 +426,8 @@ def main(argv=None):
             continue
         rows.append(dict(setting, **result))
         print(f"{setting['name']}: {result['fixed_s_per_image']:.3f} s + steps x {result['step_s_per_image']:.4f} s "
-              f"per image (warm-up {result['warmup_s']} s)", flush=True)
+              f"per image (warm-up {result['warmup_s']} s" + (f", PNG writing after the loop {result['png_drain_s']:.2f} s"
+                                                            if "png_drain_s" in result else "") + ")", flush=True)
         if setting["seed_loop"]:  # check the straight-line fit once, at the full 50 steps
             directory = tempfile.mkdtemp(dir=scratch)
             measured = time_loop(seed_loop, device, pipe=pipe, count=1, directory=directory, steps=50,

@@ -288,6 +288,7 @@ def test_tiny_bench_times_every_setting_and_splits_one_call(tmp_path):
     assert set(rows) == {"seed", "ours", "ours_half_size", "ours_no_cfg", "ours_batch_2x"}
     assert all("fixed_s_per_image" in row for row in rows.values())
     assert "measured_50_steps_s_per_image" in rows["seed"]
+    assert all(row["png_drain_s"] >= 0 for name, row in rows.items() if name != "seed")
     parts = rows["ours"]["components_s_per_image"]
     assert all(parts[part] > 0 for part in ("text_encoders", "unet", "vae_decode"))
     assert parts["other"] >= 0 and (parts["steps"], parts["batch_size"]) == (6, 4)
