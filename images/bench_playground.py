@@ -277,7 +277,8 @@ def time_components(pipe, device, scratch, batch_size, size, steps, guidance_sca
     (all steps), VAE decode, and the rest (scheduler, latents to PIL images). Each part is timed
     between CUDA synchronisations, so the parts add up to the call."""
     parts = dict(text_encoders=0.0, unet=0.0, vae_decode=0.0)
-    wrapped = [(pipe, "encode_prompt", "text_encoders"), (pipe.unet, "forward", "unet"), (pipe.vae, "decode", "vae_decode")]
+    wrapped = [(pipe, "encode_prompt", "text_encoders"), (pipe.unet, "forward", "unet"),
+               (pipe.vae, "decode", "vae_decode")]
 
     def timed_part(function, part):
         def call(*args, **kwargs):
@@ -425,9 +426,9 @@ def main(argv=None):
         if result is None:
             continue
         rows.append(dict(setting, **result))
+        drain = f", PNG writing after the loop {result['png_drain_s']:.2f} s" if "png_drain_s" in result else ""
         print(f"{setting['name']}: {result['fixed_s_per_image']:.3f} s + steps x {result['step_s_per_image']:.4f} s "
-              f"per image (warm-up {result['warmup_s']} s" + (f", PNG writing after the loop {result['png_drain_s']:.2f} s"
-                                                            if "png_drain_s" in result else "") + ")", flush=True)
+              f"per image (warm-up {result['warmup_s']} s{drain})", flush=True)
         if setting["seed_loop"]:  # check the straight-line fit once, at the full 50 steps
             directory = tempfile.mkdtemp(dir=scratch)
             measured = time_loop(seed_loop, device, pipe=pipe, count=1, directory=directory, steps=50,

@@ -29,22 +29,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from downsample import save_png  # images/downsample.py: temporary name, then rename
+from downsample import parse_bool, save_png  # images/downsample.py: "True"/"False" flags; temporary name, then rename
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = "playgroundai/playground-v2.5-1024px-aesthetic"
 DEFAULT_PROMPT = "anime-style avatar, totally white background"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def parse_bool(text):
-    """argparse type for booleans ("True"/"False"/"1"/"0"): the seed's type=bool read "False" as True."""
-    value = str(text).strip().lower()
-    if value in ("true", "1", "yes", "y", "on"):
-        return True
-    if value in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False (or 1/0), got {text!r}")
 
 
 def parse_compile(text):
