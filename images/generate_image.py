@@ -12,8 +12,9 @@ Train and test sets use different --seed values, so they never share a starting 
 
 Speed (the seed made one image per pipeline call and saved it before starting the next): images
 are made --batch_size at a time in one pipeline call, turned into bytes on the GPU, and encoded as
-PNGs on background threads while the GPU works on the next batch, and --compile / --channels_last are there for the UNet. The VAE
-decodes one image at a time, so a large batch does not run out of memory in the decoder.
+PNGs on background threads while the GPU works on the next batch; --compile and --channels_last are
+there for the UNet. The VAE decodes one image at a time, so a large batch does not run out of
+memory in the decoder.
 Weights: see models/README.md.
 """
 
