@@ -14,8 +14,7 @@ Also: samples per second with the default network through generate.py's own path
 --profile, where the GPU time of (4) and of one sampling step goes (torch.profiler). --layouts
 forced contiguous also times (4) with other activation layouts (see ours()).
 """
-import argparse
-import copy
+import dataclasses
 import json
 import os
 import time
@@ -23,10 +22,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cli import ArgumentParser, UserError, atomic_write, make_folder, positive_int, run_main
 from config import make_config
 from diffusion import sample_alpha_bar, training_loss
 from generate import generate_images
-from train import make_optimizer, make_train_step
+from train import make_ema, make_optimizer, make_train_step
 from unet import UNet
 
 
@@ -64,7 +64,7 @@ def seed_as_it_trained(batch_size, iters):
     """(1): the seed's loop: eager fp32, Adam, the loss read back every step."""
     config = make_config("seed")
     model = UNet(config).cuda()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizer = make_optimizer(model, config, fused=False)  # the seed's: Adam at 1e-5
     x0, eps, alpha_bar = batch_for(config, batch_size, "cuda")
 
     def step():
@@ -111,6 +111,9 @@ LAYOUTS = {  # --layouts: how the default network's activations are laid out in 
 }
 
 
+STEADY = 10 ** 6  # a step long past warm-up, where the EMA has its full decay
+
+
 def ours(preset, batch_size, iters, layout="channels_last", profile_to=None):
     """(3), (4): exactly train.py's step: make_train_step with bf16, channels_last, EMA, compile.
 
@@ -120,19 +123,19 @@ def ours(preset, batch_size, iters, layout="channels_last", profile_to=None):
     config = make_config(preset, [f"batch_size={batch_size}"])
     memory_format = torch.contiguous_format if layout == "contiguous" else torch.channels_last
     model = UNet(config).cuda().to(memory_format=memory_format)
-    ema = copy.deepcopy(model).requires_grad_(False) if config.ema_decay > 0 else model
+    ema = make_ema(model, config)
     optimizer = make_optimizer(model, config, fused=True)
     train_model = torch.compile(model, options={"force_layout_optimization": True} if layout == "forced" else None)
     step_fn = make_train_step(train_model, model, ema, optimizer, config, torch.bfloat16)
     x0, eps, alpha_bar = batch_for(config, batch_size, "cuda")
     x0 = x0.contiguous(memory_format=memory_format)
-    flops = flops_of(lambda: make_train_step(model, model, ema, optimizer, config, torch.bfloat16)(x0, eps, alpha_bar, 0.0, 0.999))
+    flops = flops_of(lambda: make_train_step(model, model, ema, optimizer, config, torch.bfloat16)(x0, eps, alpha_bar, STEADY))
     label = ("3" if preset == "seed" else "4") + {"channels_last": "", "forced": "b", "contiguous": "c"}[layout]
     row = measure(f"({label}) train.py step, preset {preset}, {LAYOUTS[layout]}",
-                  lambda: step_fn(x0, eps, alpha_bar, config.learning_rate, config.ema_decay), batch_size, iters, flops=flops)
+                  lambda: step_fn(x0, eps, alpha_bar, STEADY), batch_size, iters, flops=flops)
     row["parameters"] = sum(p.numel() for p in model.parameters())
     if profile_to:
-        profile(lambda: step_fn(x0, eps, alpha_bar, config.learning_rate, config.ema_decay), profile_to)
+        profile(lambda: step_fn(x0, eps, alpha_bar, STEADY), profile_to)
     return row
 
 
@@ -152,14 +155,13 @@ def measure(name, step, batch_size, iters, flops=None):
 def sampling_speed(sampler, steps, num_images, batch_size, compile):
     """generate.py's own path (generate_images), preset default, random weights. A warm-up call (one
     batch, two steps) pays for compiling, which the timed call then reuses."""
-    config = make_config("default")
+    config = dataclasses.replace(make_config("default"), sampler=sampler, sampling_steps=steps)
     model = UNet(config).cuda().sampling_mode()
     if compile == "on":  # compile once, here, so that warm-up and timed call share it
         model = torch.compile(model.to(memory_format=torch.channels_last), dynamic=False)
-    run = lambda n, steps: generate_images(model, config, n, sampler=sampler, steps=steps, batch_size=batch_size,
-                                           device="cuda", progress=False)
-    run(batch_size, 2)
-    seconds = timed(lambda: run(num_images, steps), warmup=0, iters=1)
+    run = lambda n, config: generate_images(model, config, n, batch_size=batch_size, device="cuda", progress=False)
+    run(batch_size, dataclasses.replace(config, sampling_steps=2))
+    seconds = timed(lambda: run(num_images, config), warmup=0, iters=1)
     name = f"sampling {sampler}-{steps}, preset default, batch {batch_size}, {'compiled' if compile == 'on' else 'eager'}"
     print(f"  {name}: {num_images / seconds:,.0f} samples/s", flush=True)
     return dict(name=name, num_images=num_images, seconds=seconds, samples_per_s=num_images / seconds)
@@ -225,29 +227,29 @@ def write_outputs(results, out):
         lines.append(f"- {s['name']}: {s['samples_per_s']:,.0f} samples/s "
                      f"(50,000 samples in {50000 / s['samples_per_s']:.0f} s)")
     table = "\n".join(lines)
-    with open(os.path.join(out, "bench.json"), "w") as f:
+    with atomic_write(os.path.join(out, "bench.json"), "w") as f:
         json.dump(results, f, indent=1)
-    with open(os.path.join(out, "bench.md"), "w") as f:
+    with atomic_write(os.path.join(out, "bench.md"), "w") as f:
         f.write(table + "\n")
     return table
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="generated/bench")
-    parser.add_argument("--iters", type=int, default=30, help="timed steps per row")
-    parser.add_argument("--sample_images", type=int, default=5000, help="images per sampling measurement")
-    parser.add_argument("--sample_batch", type=int, default=1000, help="images sampled at once")
+    parser.add_argument("--iters", type=positive_int, default=30, help="timed steps per row")
+    parser.add_argument("--sample_images", type=positive_int, default=5000, help="images per sampling measurement")
+    parser.add_argument("--sample_batch", type=positive_int, default=1000, help="images sampled at once")
     parser.add_argument("--profile", action="store_true", help="also write torch.profiler summaries of (4) and of sampling")
     parser.add_argument("--layouts", nargs="*", default=[], choices=["forced", "contiguous"],
                         help="also time (4) with other activation layouts (see ours())")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("error: bench.py measures a CUDA GPU and none is visible")
+        raise UserError("bench.py measures a CUDA GPU and none is visible")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    os.makedirs(args.out, exist_ok=True)
+    make_folder(args.out, "--out")
     card = torch.cuda.get_device_name()
     print(f"{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
 
@@ -284,4 +286,8 @@ if __name__ == "__main__":
         profile(forward, os.path.join(args.out, "profile_sampling_forward.txt"))
 
     print(write_outputs(results, args.out))
+
+
+if __name__ == "__main__":
+    run_main(main)
 

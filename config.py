@@ -1,16 +1,19 @@
 """The configuration: one field per ablation switch, and the presets.
 
-Each field is read in exactly one place: the network's in unet.py, the noise process's and the
-samplers' in diffusion.py, the data's in dataset.py, the optimisation's in train.py. A preset is a
-small dict of field values on top of the seed's; `--set key=value` changes any one field.
+Each field is read in exactly one module: the network's in unet.py, the noise process's and the
+samplers' in diffusion.py, the data's in dataset.py, the optimisation's in train.py
+(tests/test_config.py checks the source). Other modules pass the Config along, or change a field
+with dataclasses.replace, as checkpoint.load_for_sampling does with the sampler flags. A preset is
+a small dict of field values on top of the seed's; `--set key=value` changes any one field.
 
     python config.py --preset default --set norm=batch      # print a configuration
 """
-import argparse
 import ast
 import dataclasses
 import json
 from dataclasses import dataclass, fields
+
+from cli import ArgumentParser, UserError, run_main
 
 
 @dataclass
@@ -87,8 +90,8 @@ PRESETS = {
 }
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError):
+    """A bad preset name or --set value."""
 
 
 def make_config(preset="default", overrides=()):
@@ -149,12 +152,13 @@ def config_text(config):
     return json.dumps(config_to_dict(config), indent=1)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    try:
-        print(config_text(make_config(args.preset, args.set)))
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}")
+    args = parser.parse_args(argv)
+    print(config_text(make_config(args.preset, args.set)))
+
+
+if __name__ == "__main__":
+    run_main(main)

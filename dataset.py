@@ -13,15 +13,18 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from cli import ArgumentParser, UserError, run_main
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGE_SIZE = 32
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A problem with the user's data, reported as one line."""
 
 
 def natural_key(name):
+    """Sort key that puts 2.png before 10.png."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
@@ -35,15 +38,20 @@ def image_files(directory):
     return [os.path.join(directory, n) for n in names]
 
 
+def on_white(image):
+    """Any mode -> RGB; transparency (an alpha channel, or a palette's transparent colour) is
+    composited on white, as the avatars and the playground prompt's pictures are drawn on white."""
+    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def read_rgb(path):
-    """Any mode -> RGB; transparency is composited on white, as the avatars are drawn on white."""
     with Image.open(path) as image:
         image.load()
-        if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
+        return on_white(image)
 
 
 def load_image_folder(directory, skip_bad_images=False):
@@ -93,14 +101,14 @@ def augment(x, config, u):
     return torch.where((u < 0.5).view(-1, 1, 1, 1), x.flip(3), x)
 
 
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("directory")
     parser.add_argument("--skip_bad_images", action="store_true", help="skip undecodable files instead of stopping")
-    args = parser.parse_args()
-    try:
-        data = load_image_folder(args.directory, args.skip_bad_images)
-    except DatasetError as e:
-        raise SystemExit(f"error: {e}")
+    args = parser.parse_args(argv)
+    data = load_image_folder(args.directory, args.skip_bad_images)
     print(f"{args.directory}: {data.shape[0]} images, {tuple(data.shape[1:])}, uint8")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -112,59 +112,64 @@ def validation_loss(model, x0, eps, alpha_bar, config):
 PREDICTION_TYPE = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
-def make_scheduler(config, sampler, steps, clamp):
-    """A diffusers scheduler over the sampling noise schedule (config.sampling_schedule).
+def make_scheduler(config):
+    """A diffusers scheduler for config.sampler with config.sampling_steps steps, over the sampling
+    noise schedule (config.sampling_schedule).
 
-    With clamping the network's output is turned into a clamped x0 before the scheduler sees it
-    (see `sample`), so the scheduler is told to expect x0."""
+    With clamping (config.clamp_x0) the network's output is turned into a clamped x0 before the
+    scheduler sees it (see `sample`), so the scheduler is told to expect x0."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     common = dict(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[config.sampling_schedule],
         beta_start=LINEAR_BETA_START, beta_end=LINEAR_BETA_END,
-        prediction_type="sample" if clamp else PREDICTION_TYPE[config.target],
+        prediction_type="sample" if config.clamp_x0 else PREDICTION_TYPE[config.target],
     )
-    if sampler == "ddpm":
+    if config.sampler == "ddpm":
         scheduler = DDPMScheduler(**common, clip_sample=False, variance_type="fixed_small")
-    elif sampler == "ddim":
+    elif config.sampler == "ddim":
         # "linspace" runs from t = 999, the noisiest level (Lin et al. 2024, sec. 3.3), down to t = 0.
         scheduler = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="linspace")
-    elif sampler == "dpm":
-        # Steps uniform in log-SNR, as the DPM-Solver papers recommend (Lu et al. 2022, sec. 3.3): uniform
-        # steps in t leave too few steps at low noise, and the samples come out too smooth.
+    else:
+        # dpm. Steps uniform in log-SNR, as the DPM-Solver papers recommend (Lu et al. 2022, sec. 3.3):
+        # uniform steps in t leave too few steps at low noise, and the samples come out too smooth.
         scheduler = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
                                                 use_lu_lambdas=True, final_sigmas_type="zero")
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}: choose ddpm, ddim or dpm")
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(config.sampling_steps)
     return scheduler
 
 
+def sampler_settings(config):
+    """The sampling fields as a record for reports and logs, e.g. {"sampler": "dpm", "steps": 25, ...}."""
+    return {"sampler": config.sampler, "steps": config.sampling_steps, "schedule": config.sampling_schedule,
+            "eta": config.eta, "clamp_x0": config.clamp_x0}
+
+
+def sampler_name(config):
+    return f"{config.sampler}-{config.sampling_steps}"
+
+
 @torch.no_grad()
-def sample(model, config, num_images, sampler=None, steps=None, eta=None, clamp=None,
-           generator=None, device="cpu", progress=False):
-    """Draw num_images samples in the data range; unset arguments take the configuration's values.
+def sample(model, config, num_images, generator=None, device="cpu", progress=False):
+    """Draw num_images samples in the data range with the configuration's sampler, steps, eta and
+    clamping (to sample otherwise, pass dataclasses.replace(config, sampler=...)).
 
     The network is given alpha_bar of the scheduler's current step, whatever the sampler."""
-    sampler = sampler or config.sampler
-    steps = steps or config.sampling_steps
-    eta = config.eta if eta is None else eta
-    clamp = config.clamp_x0 if clamp is None else clamp
-    scheduler = make_scheduler(config, sampler, steps, clamp)
+    scheduler = make_scheduler(config)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     low, high = data_bounds(config)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    step_kwargs = dict(eta=config.eta) if config.sampler == "ddim" else {}
 
     x = torch.randn((num_images, 3, 32, 32), generator=generator, device=generator.device if generator else device)
     x = x.to(device) * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, desc=f"{sampler}-{steps}", disable=not progress, leave=False):
+    for t in tqdm(scheduler.timesteps, desc=sampler_name(config), disable=not progress, leave=False):
         alpha_bar = alphas_cumprod[t].expand(num_images)
         with autocast:
             prediction = model(x, alpha_bar).float()
-        if clamp:
+        if config.clamp_x0:
             x0, _ = x0_and_eps_of(config, prediction, x, alpha_bar)
             prediction = x0.clamp(low, high)
-        step_kwargs = dict(eta=eta) if sampler == "ddim" else {}
         x = scheduler.step(prediction, t, x, generator=generator, **step_kwargs).prev_sample
     return x

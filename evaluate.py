@@ -23,7 +23,6 @@ about the floor, not zero. N is the number of samples, at most the size of the t
   the 1st percentile of the test images' nearest-training-image distances. Its floor is about 0.01
   by construction; far above it means the model copies training images.
 """
-import argparse
 import contextlib
 import json
 import math
@@ -37,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import ConfigError
+from cli import ArgumentParser, UserError, atomic_write, pick_device, positive_int, run_main
 from dataset import DatasetError, load_image_folder
+from diffusion import sampler_settings
 from generate import add_sampler_arguments, generate_images, load_model
-from train import UserError, pick_device
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # The TensorFlow FID Inception weights as converted by pytorch-fid; torch-fidelity's
@@ -53,20 +52,16 @@ FEATURE_BATCH = 200
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        report = run(args)
-    except (DatasetError, UserError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report = run(args)
     print(format_table(report))
     if args.output_json:
-        with open(args.output_json, "w") as f:
+        with atomic_write(args.output_json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"wrote {args.output_json}")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="generate --num_samples images with this checkpoint, then evaluate them")
     source.add_argument("--image_dir", help="evaluate the 32x32 images of this folder as they are")
@@ -74,7 +69,7 @@ def parse_args(argv=None):
                         help="the real images the samples are compared with (default: the train set)")
     parser.add_argument("--test_dir", default="images/test_images_downsample",
                         help="held-out real images; the same metrics on them against --reference_dir are the floor")
-    parser.add_argument("--num_samples", type=int, default=10_000,
+    parser.add_argument("--num_samples", type=positive_int, default=10_000,
                         help="images to generate with --checkpoint (at most the size of the test set is used)")
     parser.add_argument("--output_json", help="also write every number, the sampler and the checkpoint's config here")
     parser.add_argument("--inception_weights", default=os.path.join("models", INCEPTION_FILE),
@@ -113,15 +108,12 @@ def run(args):
             notes.append(f"generating {n} samples, not {args.num_samples}: samples and floor use the same N, "
                          f"and {args.test_dir} has {len(test)} images")
             print(notes[-1])
-        model, config = load_model(args.checkpoint, device, use_ema=not args.no_ema)
-        samples = generate_images(model, config, n, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                  clamp=args.clamp, seed=args.seed, batch_size=args.batch_size, device=device,
+        model, config = load_model(args, device)
+        samples = generate_images(model, config, n, seed=args.seed, batch_size=args.batch_size, device=device,
                                   progress=True, compile=args.compile)
         report["samples"] = {"checkpoint": args.checkpoint, "images": n}
-        report["sampler"] = {"sampler": args.sampler or config.sampler, "steps": args.steps or config.sampling_steps,
-                             "eta": config.eta if args.eta is None else args.eta,
-                             "clamp": ("on" if config.clamp_x0 else "off") if args.clamp is None else args.clamp,
-                             "seed": args.seed, "batch_size": args.batch_size, "ema": not args.no_ema}
+        report["sampler"] = {**sampler_settings(config), "seed": args.seed, "batch_size": args.batch_size,
+                             "ema": not args.no_ema}
         report["config"] = config_as_dict(config)
     else:
         samples = load_folder(args.image_dir, "--image_dir", args.skip_bad_images)
@@ -538,4 +530,4 @@ def format_table(report):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

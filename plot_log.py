@@ -7,9 +7,10 @@
 The replay fills the run's visdom env (named after the run) with the same windows the live plots
 have, drawn whole, so it also mends an env that missed points while no server was running.
 """
-import argparse
 import json
 import os
+
+from cli import ArgumentParser, UserError, atomic_write, port, run_main
 
 
 def read_log(path):
@@ -41,10 +42,9 @@ def draw_loss_curve(records, png_path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp)
+    with atomic_write(png_path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
 
 
 def replay_to_visdom(records, port=8097, env=None, server="http://127.0.0.1"):
@@ -69,32 +69,37 @@ def replay_to_visdom(records, port=8097, env=None, server="http://127.0.0.1"):
     return logger
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("log", help="a run's log.jsonl")
     parser.add_argument("--png", default=None, help="output (default: loss_curve.png beside the log)")
-    parser.add_argument("--visdom_port", type=int, default=None,
+    parser.add_argument("--visdom_port", type=port, default=None,
                         help="replay into the visdom server on this port; it must answer (default: 8097 if it answers)")
     parser.add_argument("--visdom_env", default=None, help="visdom env (default: the run's name from the log)")
     parser.add_argument("--no_visdom", action="store_true", help="only write the PNG")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not os.path.isfile(args.log):
-        raise SystemExit(f"error: {args.log} does not exist: pass a run's log.jsonl (in its --model_checkpoint_dir)")
+        raise UserError(f"{args.log} does not exist: pass a run's log.jsonl (in its --model_checkpoint_dir)")
     try:
         records = read_log(args.log)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SystemExit(f"error: {args.log} is not a JSON-lines log ({exc})")
+        raise UserError(f"{args.log} is not a JSON-lines log ({exc})") from None
     png = args.png or os.path.join(os.path.dirname(args.log), "loss_curve.png")
     draw_loss_curve(records, png)
     print(f"wrote {png}")
     if not args.no_visdom:
-        port = args.visdom_port or 8097
-        logger = replay_to_visdom(records, port=port, env=args.visdom_env)
+        visdom_port = args.visdom_port or 8097
+        logger = replay_to_visdom(records, port=visdom_port, env=args.visdom_env)
         if logger is not None and logger.online:
             n = sum(r.get("kind") in ("train", "validation") for r in records)
             print(f"replayed {n} records into {logger.env_url}")
         elif args.visdom_port is not None:
-            raise SystemExit(f"error: no visdom server answers on port {port}: "
-                             f"start one with: bash tools/start_visdom.sh {port}")
+            raise UserError(f"no visdom server answers on port {visdom_port}: "
+                            f"start one with: bash tools/start_visdom.sh {visdom_port}")
         else:
-            print(f"no visdom server on port {port}, so no replay there (bash tools/start_visdom.sh {port} starts one)")
+            print(f"no visdom server on port {visdom_port}, so no replay there "
+                  f"(bash tools/start_visdom.sh {visdom_port} starts one)")
+
+
+if __name__ == "__main__":
+    run_main(main)

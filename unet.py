@@ -6,14 +6,14 @@ matching down level, and a 1x1 tail with an unbounded output. It is not told the
 
     python unet.py --preset seed          # summary and exact parameter count (138,624,003)
 """
-import argparse
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import PRESETS, ConfigError, make_config
+from cli import ArgumentParser, run_main
+from config import PRESETS, make_config
 
 
 # ---- the switches: each field of the configuration is turned into modules in one place --------
@@ -220,16 +220,13 @@ def forward_flops(model, batch_size=1, image_size=32):
     return counter.get_total_flops() / batch_size
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one configuration field")
     parser.add_argument("--full", action="store_true", help="print every module")
-    args = parser.parse_args()
-    try:
-        config = make_config(args.preset, args.set)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}")
+    args = parser.parse_args(argv)
+    config = make_config(args.preset, args.set)
     model = UNet(config)
     if args.full:
         print(model)
@@ -240,3 +237,7 @@ if __name__ == "__main__":
     print(f"  {'total':<16} {count_parameters(model):>13,} parameters")
     print(f"  forward pass: {forward_flops(model) / 1e9:.2f} GFLOP per 32x32 image "
           f"(a training step is about 3x that)")
+
+
+if __name__ == "__main__":
+    run_main(main)

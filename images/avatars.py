@@ -17,7 +17,6 @@ Usage:
 A rerun skips files that already exist, so an interrupted build resumes where it stopped.
 """
 
-import argparse
 import functools
 import io
 import multiprocessing
@@ -29,6 +28,11 @@ import resvg_py
 from dicebear import Avatar, Style
 from PIL import Image
 from tqdm import tqdm
+
+# Run as `python images/avatars.py`, only images/ is on the path: the shared modules are at the root.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import (ArgumentParser, UserError, atomic_write, make_folder, non_negative_int,  # noqa: E402
+                 positive_int, run_main)
 
 DEFAULT_STYLE = "adventurer"
 # Rasterise at 4x and box-filter down: each output pixel averages 16 samples, on top of resvg's
@@ -67,53 +71,36 @@ def render_avatar(index, style=DEFAULT_STYLE, size=32):
 
 
 def write_avatar(index, dest_image_dir, style):
-    final_path = os.path.join(dest_image_dir, f"{index}.png")
-    # Write under a temporary name in the same folder, then rename: the rename is atomic, so a
-    # killed run never leaves a half-written PNG under a final name. The name does not end in
-    # .png, so a loader globbing *.png never sees it.
-    tmp_path = os.path.join(dest_image_dir, f".{index}.png.{os.getpid()}.tmp")
-    render_avatar(index, style).save(tmp_path, **PNG_OPTIONS)
-    os.replace(tmp_path, final_path)
+    # Through a temporary name (cli.atomic_write): a killed run never leaves a half-written PNG
+    # under a final name, and the temporary name is not *.png, so no loader sees it.
+    with atomic_write(os.path.join(dest_image_dir, f"{index}.png")) as f:
+        render_avatar(index, style).save(f, **PNG_OPTIONS)
     return index
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    # argparse prints the usage block and then the error; we want one line and no traceback.
-    def error(self, message):
-        raise SystemExit(f"error: {message} (see --help)")
-
-
 def parse_args(argv):
-    parser = OneLineErrorParser(description="Render DiceBear avatars to 32x32 RGB PNGs {i}.png.")
+    parser = ArgumentParser(description="Render DiceBear avatars to 32x32 RGB PNGs {i}.png.")
     parser.add_argument("--dest_image_dir", type=str, default=None, help="output folder")
-    parser.add_argument("--num_samples", type=int, default=None, help="number of images")
-    parser.add_argument("--first_index", type=int, default=0, help="index (seed) of the first image")
+    parser.add_argument("--num_samples", type=positive_int, default=None, help="number of images")
+    parser.add_argument("--first_index", type=non_negative_int, default=0, help="index (seed) of the first image")
     parser.add_argument("--style", type=str, default=DEFAULT_STYLE, help="DiceBear style name")
-    parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--num_workers", type=positive_int, default=os.cpu_count() or 1,
                         help="worker processes (default: all cores)")
     args = parser.parse_args(argv)
 
     if args.dest_image_dir is None:
-        raise SystemExit("error: --dest_image_dir is required: give the output folder")
+        raise UserError("--dest_image_dir is required: give the output folder")
     if args.num_samples is None:
-        raise SystemExit("error: --num_samples is required: give the number of images to make")
-    if args.num_samples <= 0:
-        raise SystemExit(f"error: --num_samples must be positive, got {args.num_samples}")
-    if args.first_index < 0:
-        raise SystemExit(f"error: --first_index must be 0 or more, got {args.first_index}")
-    if args.num_workers <= 0:
-        raise SystemExit(f"error: --num_workers must be positive, got {args.num_workers}")
+        raise UserError("--num_samples is required: give the number of images to make")
     styles = available_styles()
     if args.style not in styles:
-        raise SystemExit(f"error: --style {args.style!r} is unknown; available: {', '.join(styles)}")
-    if os.path.exists(args.dest_image_dir) and not os.path.isdir(args.dest_image_dir):
-        raise SystemExit(f"error: --dest_image_dir {args.dest_image_dir!r} is a file: give a folder")
+        raise UserError(f"--style {args.style!r} is unknown; available: {', '.join(styles)}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.dest_image_dir, exist_ok=True)
+    make_folder(args.dest_image_dir, "--dest_image_dir")
 
     indices = range(args.first_index, args.first_index + args.num_samples)
     todo = [i for i in indices if not os.path.exists(os.path.join(args.dest_image_dir, f"{i}.png"))]
@@ -140,4 +127,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

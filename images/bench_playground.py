@@ -33,7 +33,6 @@ also split into text encoders, UNet, VAE decode and the rest (each part synchron
 Writes <out>/bench_playground.json and .md (the table, also printed).
 """
 
-import argparse
 import datetime
 import json
 import math
@@ -48,8 +47,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: bench.py
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: cli.py, bench.py
 import generate_image  # noqa: E402
+from cli import (ArgumentParser, atomic_write, make_folder, non_negative_float, parse_bool,  # noqa: E402
+                 pick_device, positive_float, positive_int, run_main)
 from downsample import downsample_image  # noqa: E402
 
 PROMPT = generate_image.DEFAULT_PROMPT
@@ -91,26 +92,26 @@ TINY_CLIP = dict(CLIP_L, hidden_size=16, intermediate_size=32, num_hidden_layers
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Images per hour of playground-v2.5 generation: seed vs ours.")
+    parser = ArgumentParser(description="Images per hour of playground-v2.5 generation: seed vs ours.")
     parser.add_argument("--out", default="generated", help="folder for bench_playground.json/.md and grids")
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", help="cuda | cuda:N | auto | cpu | mps (cpu: with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny configurations (for a CPU check of the code)")
     parser.add_argument("--model_name", default=None,
                         help="load real weights (hub id or folder) instead of random ones; also saves sample grids")
-    parser.add_argument("--batch_size", type=int, default=4,
+    parser.add_argument("--batch_size", type=positive_int, default=4,
                         help="our batch size at full resolution (images/generate_image.py's default); "
                              "twice it is timed too")
-    parser.add_argument("--guidance_scale", type=float, default=3.0)
-    parser.add_argument("--compile", type=generate_image.parse_bool, nargs="?", const=True, default=True,
+    parser.add_argument("--guidance_scale", type=non_negative_float, default=3.0)
+    parser.add_argument("--compile", type=parse_bool, nargs="?", const=True, default=True,
                         help="also time the torch.compile'd UNet (slow to compile: skipped if the budget is short)")
-    parser.add_argument("--grids", type=generate_image.parse_bool, nargs="?", const=True, default=None,
+    parser.add_argument("--grids", type=parse_bool, nargs="?", const=True, default=None,
                         help="save 32x32 sample grids per setting (default: with --model_name or --tiny)")
     parser.add_argument("--flops", action="store_true",
                         help="print the FLOPs of one UNet evaluation and one VAE decode at each size, then exit "
                              "(counted on the meta device: no GPU, no weights)")
     parser.add_argument("--profile", action="store_true",
                         help="CUDA: also write where the UNet's GPU time goes, by kernel kind")
-    parser.add_argument("--time_budget", type=float, default=225,
+    parser.add_argument("--time_budget", type=positive_float, default=225,
                         help="seconds; settings that would start too late are skipped and say so")
     return parser.parse_args(argv)
 
@@ -331,16 +332,13 @@ def main(argv=None):
                   f"({2 * counted['unet_tflop_per_eval']:.4g} per image per step with classifier-free guidance), "
                   f"VAE decode {counted['vae_decode_tflop']:.4g} TFLOP per image")
         return
+    make_folder(args.out, "--out")
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # random weights may give NaN pixels
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA GPU is visible; "
-                         "for a CPU check run with --tiny --device cpu")
+    device = pick_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny ops gain nothing from threads; on a busy machine they distort timings
     make_grids = args.grids if args.grids is not None else bool(args.model_name or args.tiny)
-    os.makedirs(args.out, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix="bench_playground_")
 
     import diffusers
@@ -499,9 +497,9 @@ def write_report(args, rows, grids, device, dtype, parameters, build_s, wall_sta
         report["heading"] += (f"One call of ours ({parts['batch_size']} images, {parts['steps']} steps), seconds per "
                               "image: " + ", ".join(f"{part.replace('_', ' ')} {parts[part]:.3f}" for part in
                                                     ("text_encoders", "unet", "vae_decode", "other")) + "\n\n")
-    with open(os.path.join(args.out, "bench_playground.json"), "w") as f:
+    with atomic_write(os.path.join(args.out, "bench_playground.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
-    with open(os.path.join(args.out, "bench_playground.md"), "w") as f:
+    with atomic_write(os.path.join(args.out, "bench_playground.md"), "w") as f:
         f.write(report["heading"] + report["table"] + "\n")
     return report
 
@@ -531,4 +529,4 @@ def build_table(rows, flops, peak=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,40 +18,21 @@ import argparse
 import multiprocessing
 import os
 import random
-import re
 import sys
 
 from PIL import Image
 from tqdm import tqdm
 
+# Run as `python images/downsample.py`, only images/ is on the path: the shared modules are at the root.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import (ArgumentParser, UserError, atomic_write, make_folder, non_negative_int,  # noqa: E402
+                 parse_bool, positive_int, run_main)
+from dataset import natural_key, on_white  # noqa: E402
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FILTERS = {"area": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
 # What Pillow raises for a file that is not a readable image (truncated, corrupt, wrong format).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-
-
-def parse_bool(text):
-    """argparse type for booleans: the seed's type=bool turned every non-empty string, "False"
-    included, into True."""
-    value = str(text).strip().lower()
-    if value in ("true", "1", "yes", "y", "on"):
-        return True
-    if value in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False (or 1/0), got {text!r}")
-
-
-def natural_key(name):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def on_white(image):
-    """RGB version of `image`, with any transparency composited onto a white background."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def downsample_image(image, width, height, filter_name="area"):
@@ -60,11 +41,9 @@ def downsample_image(image, width, height, filter_name="area"):
 
 
 def save_png(image, path):
-    """Write to a temporary name, then rename: a killed run never leaves a truncated PNG."""
-    directory, name = os.path.split(path)
-    temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    """Through a temporary name (cli.atomic_write): a killed run never leaves a truncated PNG."""
+    with atomic_write(path) as f:
+        image.save(f, format="PNG")
 
 
 def downsample_file(job):
@@ -97,49 +76,54 @@ def choose_subset(names, num_samples, seed):
     return sorted(random.Random(seed).sample(names, num_samples), key=natural_key)
 
 
+def all_or_count(text):
+    """--num_samples: -1 for all the images, else a count of at least 1."""
+    if text.strip() == "-1":
+        return -1
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text} must be -1 (all images) or at least 1") from None
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Downsample images (e.g. 1024x1024 playground-v2.5 output) to small RGB PNGs, antialiased.")
     parser.add_argument("--source_image_dir", default="images/train_images")
     parser.add_argument("--dest_image_dir", default="images/train_images_downsample")
-    parser.add_argument("--dest_image_height", type=int, default=32)
-    parser.add_argument("--dest_image_width", type=int, default=32)
-    parser.add_argument("--num_samples", type=int, default=-1,
+    parser.add_argument("--dest_image_height", type=positive_int, default=32)
+    parser.add_argument("--dest_image_width", type=positive_int, default=32)
+    parser.add_argument("--num_samples", type=all_or_count, default=-1,
                         help="downsample a random subset of this many images (-1: all)")
     parser.add_argument("--skip_exists", type=parse_bool, nargs="?", const=True, default=True,
                         help="keep output files that already exist (True/False; default True)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --num_samples subset")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the --num_samples subset")
     parser.add_argument("--filter", choices=sorted(FILTERS), default="area",
                         help="antialiasing filter: area (box average) or lanczos")
-    parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--num_workers", type=positive_int, default=os.cpu_count() or 1,
                         help="worker processes (default: one per CPU core)")
-    args = parser.parse_args(argv)
-    if args.dest_image_height < 1 or args.dest_image_width < 1:
-        parser.error("--dest_image_height and --dest_image_width must be at least 1")
-    if args.num_workers < 1:
-        parser.error("--num_workers must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isdir(args.source_image_dir):
-        raise SystemExit(f"error: --source_image_dir {args.source_image_dir} is not a folder: "
-                         "make the images first (bash images/generate_images_for_train.sh or _test.sh)")
+        raise UserError(f"--source_image_dir {args.source_image_dir} is not a folder: "
+                        "make the images first (bash images/generate_images_for_train.sh or _test.sh)")
     names, ignored = list_images(args.source_image_dir)
     if not names:
-        raise SystemExit(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) in --source_image_dir "
-                         f"{args.source_image_dir}")
+        raise UserError(f"--source_image_dir {args.source_image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                        "point it at the folder of large images")
     names = choose_subset(names, args.num_samples, args.seed)
     outputs = {}
     for name in names:
         outputs.setdefault(os.path.splitext(name)[0] + ".png", []).append(name)
     clashes = [sources for sources in outputs.values() if len(sources) > 1]
     if clashes:
-        raise SystemExit(f"error: {' and '.join(clashes[0])} would both be written as "
-                         f"{os.path.splitext(clashes[0][0])[0]}.png: rename one of them")
+        raise UserError(f"{' and '.join(clashes[0])} in --source_image_dir would both be written as "
+                        f"{os.path.splitext(clashes[0][0])[0]}.png: rename one of them")
 
-    os.makedirs(args.dest_image_dir, exist_ok=True)
+    make_folder(args.dest_image_dir, "--dest_image_dir")
     jobs = [(os.path.join(args.source_image_dir, sources[0]), os.path.join(args.dest_image_dir, out_name),
              args.dest_image_width, args.dest_image_height, args.filter, args.skip_exists)
             for out_name, sources in outputs.items()]
@@ -180,4 +164,4 @@ class _InProcess:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,6 +22,7 @@ import argparse
 import datetime
 import os
 import re
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +32,13 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from downsample import parse_bool, save_png  # images/downsample.py: "True"/"False" flags; temporary name, then rename
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Run as `python images/generate_image.py`, only images/ is on the path: the shared modules are at the root.
+sys.path.insert(1, REPO)
+from cli import (ArgumentParser, UserError, make_folder, non_negative_float, non_negative_int,  # noqa: E402
+                 parse_bool, pick_device, positive_int, run_main)
+from downsample import save_png  # noqa: E402  (images/downsample.py: a temporary name, then rename)
+
 DEFAULT_MODEL = "playgroundai/playground-v2.5-1024px-aesthetic"
 DEFAULT_PROMPT = "anime-style avatar, totally white background"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -44,28 +49,44 @@ def parse_compile(text):
     return "regional" if str(text).strip().lower() == "regional" else parse_bool(text)
 
 
+def image_side(text):
+    """--height, --width: the VAE shrinks the image 8 times, so a multiple of 8."""
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"{text} is not a multiple of 8")
+    return value
+
+
+def seed_number(text):
+    """--seed: 0 to 2**31 - 1, so that image i's generator seed, seed * 2**32 + i, fits in 63 bits."""
+    value = non_negative_int(text)
+    if value >= 2**31:
+        raise argparse.ArgumentTypeError(f"{text} must be below 2**31 = {2**31}")
+    return value
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Generate images of one prompt with playground-v2.5 (or any diffusers text-to-image "
                     "pipeline) as {i}.png; resumable, batched, shardable with torchrun.")
     # the seed's flags
-    parser.add_argument("--num_samples", type=int, default=50000,
+    parser.add_argument("--num_samples", type=non_negative_int, default=50000,
                         help="total number of images in the folder when done (existing ones are kept)")
     parser.add_argument("--image_save_dir", default="images/train_images")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--model_name", default=DEFAULT_MODEL,
                         help="hub id or local folder; a copy in models/<name> is used when present")
     parser.add_argument("--variant", default="fp16", help='weights variant to load; "none" for the default files')
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--num_inference_steps", type=positive_int, default=50)
+    parser.add_argument("--guidance_scale", type=non_negative_float, default=3.0)
     parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu | mps")
     # new
-    parser.add_argument("--batch_size", type=int, default=4,
+    parser.add_argument("--batch_size", type=positive_int, default=4,
                         help="images per pipeline call: lower it if the GPU runs out of memory, raise it on "
                              "large GPUs (images/bench_playground.py reports peak memory)")
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0, help="image i uses generator seed seed * 2**32 + i")
+    parser.add_argument("--height", type=image_side, default=1024)
+    parser.add_argument("--width", type=image_side, default=1024)
+    parser.add_argument("--seed", type=seed_number, default=0, help="image i uses generator seed seed * 2**32 + i")
     parser.add_argument("--local_files_only", type=parse_bool, nargs="?", const=True, default=False,
                         help="never try the network (True/False)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
@@ -77,21 +98,8 @@ def parse_args(argv=None):
                              "blocks, once for all of them (faster to compile)")
     parser.add_argument("--channels_last", type=parse_bool, nargs="?", const=True, default=False,
                         help="channels_last memory format for the UNet")
-    parser.add_argument("--save_threads", type=int, default=4, help="threads that encode and write PNGs")
-    args = parser.parse_args(argv)
-    if args.num_samples < 0:
-        parser.error("--num_samples must be 0 or more")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
-    if args.num_inference_steps < 1:
-        parser.error("--num_inference_steps must be at least 1")
-    if args.height < 8 or args.width < 8 or args.height % 8 or args.width % 8:
-        parser.error("--height and --width must be positive multiples of 8")
-    if not 0 <= args.seed < 2**31:
-        parser.error("--seed must be in [0, 2**31)")
-    if args.save_threads < 1:
-        parser.error("--save_threads must be at least 1")
-    return args
+    parser.add_argument("--save_threads", type=positive_int, default=4, help="threads that encode and write PNGs")
+    return parser.parse_args(argv)
 
 
 def image_seed(seed, index):
@@ -207,14 +215,15 @@ def load_pipeline(model_name, *, variant, dtype, device, local_files_only):
             source, variant=variant, local_files_only=local_files_only, **{dtype_keyword: dtype})
     except (OSError, HfHubHTTPError) as error:
         if os.path.isdir(source):
-            raise SystemExit(f"error: cannot load the pipeline in {source}: {_first_line(error)}")
-        raise SystemExit(
-            f"error: weights for {model_name} not found locally and not downloadable: on a machine with "
+            raise UserError(f"cannot load the pipeline in {source}: {_first_line(error)}; "
+                            "point --model_name at a complete diffusers folder") from None
+        raise UserError(
+            f"weights for {model_name} not found locally and not downloadable: on a machine with "
             f"network run `hf download {model_name} --local-dir {local_dir}` and copy that folder here "
-            f"(or set HF_HOME, now {hf_home}, to a Hugging Face cache that holds it); see models/README.md")
+            f"(or set HF_HOME, now {hf_home}, to a Hugging Face cache that holds it); see models/README.md") from None
     except ValueError as error:
         hint = ' (pass --variant none for the default weight files)' if variant else ''
-        raise SystemExit(f"error: cannot load {source}: {_first_line(error)}{hint}")
+        raise UserError(f"cannot load {source}: {_first_line(error)}{hint}") from None
     if not isinstance(pipe.scheduler, EDMDPMSolverMultistepScheduler):
         pipe.scheduler = EDMDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     if getattr(pipe, "watermark", None) is not None:
@@ -250,23 +259,6 @@ def speed_up(pipe, *, channels_last=False, compile_unet=False):
     return pipe
 
 
-def pick_device(name, local_rank):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {name}: no CUDA GPU is visible; pass --device cpu "
-                             "(slow: minutes per image at 1024x1024)")
-        if name == "cuda":
-            if local_rank >= torch.cuda.device_count():
-                raise SystemExit(f"error: local rank {local_rank} but only {torch.cuda.device_count()} GPU(s): "
-                                 "lower torchrun's --nproc_per_node")
-            name = f"cuda:{local_rank}"
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("error: --device mps: MPS is not available; pass --device cpu")
-    return torch.device(name)
-
-
 def main(argv=None):
     args = parse_args(argv)
     # torchrun sets these; a plain launch is rank 0 of 1.
@@ -283,7 +275,7 @@ def main(argv=None):
         # covers ranks that finish days apart when a resumed run left them uneven work.
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
 
-    os.makedirs(args.image_save_dir, exist_ok=True)
+    make_folder(args.image_save_dir, "--image_save_dir")
     remove_stale_temporaries(args.image_save_dir, rank, world_size)
     mine = shard(args.num_samples, rank, world_size)
     todo = missing(args.image_save_dir, mine)
@@ -317,9 +309,9 @@ def main(argv=None):
                      height=args.height, width=args.width, on_batch=on_batch)
         except torch.cuda.OutOfMemoryError:
             writer.close()
-            raise SystemExit(f"error: out of GPU memory at --batch_size {args.batch_size} "
-                             f"({args.width}x{args.height}): lower --batch_size; finished images are kept, "
-                             "rerun to continue")
+            raise UserError(f"out of GPU memory at --batch_size {args.batch_size} "
+                            f"({args.width}x{args.height}): lower --batch_size; finished images are kept, "
+                            "rerun to continue") from None
         writer.close()
         progress.close()
 
@@ -329,10 +321,10 @@ def main(argv=None):
     if rank == 0:
         gaps = missing(args.image_save_dir, range(args.num_samples))
         if gaps:
-            raise SystemExit(f"error: {len(gaps)} of {args.num_samples} images missing in "
-                             f"{args.image_save_dir} (first: {gaps[0]}.png): rerun to make them")
+            raise UserError(f"{len(gaps)} of {args.num_samples} images missing in --image_save_dir "
+                            f"{args.image_save_dir} (first: {gaps[0]}.png): rerun to make them")
         print(f"{args.image_save_dir}: all {args.num_samples} images present")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli import UserError
+from testkit import one_line_error, run_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "images" / "avatars.py"
 LAUNCHER = REPO / "images" / "make_default_dataset.sh"
 NUM = 16
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
 
 
 def load_avatars_module():
@@ -32,16 +30,18 @@ def load_avatars_module():
     return module
 
 
+avatars = load_avatars_module()
+
+
 def digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """One CLI build of indices 0..NUM-1, shared by the read-only tests."""
+    """One in-process build of indices 0..NUM-1, shared by the read-only tests."""
     dest = tmp_path_factory.mktemp("avatars") / "out"
-    result = run_cli("--dest_image_dir", dest, "--num_samples", NUM, "--num_workers", 2)
-    assert result.returncode == 0, result.stderr
+    avatars.main(["--dest_image_dir", str(dest), "--num_samples", str(NUM), "--num_workers", "1"])
     return dest
 
 
@@ -55,15 +55,15 @@ def test_files_are_named_by_index_and_are_32x32_rgb_png(built):
             assert image.size == (32, 32)
 
 
+@pytest.mark.slow
 def test_two_separate_runs_give_identical_bytes(built, tmp_path):
     # A different worker count changes which process renders what; the bytes must not change.
-    result = run_cli("--dest_image_dir", tmp_path, "--num_samples", NUM, "--num_workers", 1)
+    result = run_script("images/avatars.py", "--dest_image_dir", tmp_path, "--num_samples", NUM, "--num_workers", 2)
     assert result.returncode == 0, result.stderr
     assert digests(tmp_path) == digests(built)
 
 
 def test_render_avatar_matches_the_cli_files(built):
-    avatars = load_avatars_module()
     for i in (0, 7, NUM - 1):
         image = avatars.render_avatar(i)
         assert image.mode == "RGB" and image.size == (32, 32)
@@ -94,15 +94,14 @@ def test_different_indices_give_different_images(built):
             assert np.abs(images[i] - images[j]).mean() > 5.0, (i, j)
 
 
-def test_rerun_only_renders_missing_files(built, tmp_path):
+def test_rerun_only_renders_missing_files(built, tmp_path, capsys):
     dest = tmp_path / "out"
     shutil.copytree(built, dest)
     (dest / "5.png").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
 
-    result = run_cli("--dest_image_dir", dest, "--num_samples", NUM, "--num_workers", 2)
-    assert result.returncode == 0, result.stderr
-    assert f"1 to render, {NUM - 1} already in" in result.stdout
+    avatars.main(["--dest_image_dir", str(dest), "--num_samples", str(NUM), "--num_workers", "1"])
+    assert f"1 to render, {NUM - 1} already in" in capsys.readouterr().out
     after = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
     assert after.keys() == {f"{i}.png" for i in range(NUM)}
     assert {name: after[name] for name in before} == before
@@ -110,9 +109,8 @@ def test_rerun_only_renders_missing_files(built, tmp_path):
 
 
 def test_first_index_offsets_the_seeds(built, tmp_path):
-    result = run_cli("--dest_image_dir", tmp_path, "--num_samples", 2, "--first_index", NUM - 2,
-                     "--num_workers", 1)
-    assert result.returncode == 0, result.stderr
+    avatars.main(["--dest_image_dir", str(tmp_path), "--num_samples", "2", "--first_index", str(NUM - 2),
+                  "--num_workers", "1"])
     assert sorted(os.listdir(tmp_path)) == [f"{NUM - 2}.png", f"{NUM - 1}.png"]
     assert (tmp_path / f"{NUM - 1}.png").read_bytes() == (built / f"{NUM - 1}.png").read_bytes()
 
@@ -129,10 +127,12 @@ def test_launcher_defaults_give_disjoint_train_and_test_seeds():
     assert train.stop <= test.start
 
 
+@pytest.mark.slow
 def test_launcher_builds_both_sets(tmp_path):
     # Run the real launcher in a copy of the repo layout, so the repo's own images/ stay untouched.
     (tmp_path / "images").mkdir()
     shutil.copy(SCRIPT, tmp_path / "images" / "avatars.py")
+    shutil.copy(REPO / "cli.py", tmp_path / "cli.py")  # avatars.py's flag checks and atomic write
     shutil.copy(LAUNCHER, tmp_path / "images" / "make_default_dataset.sh")
     # The launcher prefers .venv/bin/python: point it at the environment running these tests.
     os.symlink(sys.prefix, tmp_path / ".venv")
@@ -149,26 +149,40 @@ def test_launcher_builds_both_sets(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--num_samples", "4"], "error: --dest_image_dir is required"),
-    (["--dest_image_dir", "{dest}"], "error: --num_samples is required"),
-    (["--dest_image_dir", "{dest}", "--num_samples", "0"], "error: --num_samples must be positive"),
-    (["--dest_image_dir", "{dest}", "--num_samples", "x"], "error: argument --num_samples: invalid int"),
+    (["--num_samples", "4"], "--dest_image_dir is required: give the output folder"),
+    (["--dest_image_dir", "{dest}"], "--num_samples is required: give the number of images to make"),
+    (["--dest_image_dir", "{dest}", "--num_samples", "0"], "argument --num_samples: 0 must be at least 1 (see --help)"),
+    (["--dest_image_dir", "{dest}", "--num_samples", "x"], "argument --num_samples: 'x' is not an integer (see --help)"),
     (["--dest_image_dir", "{dest}", "--num_samples", "4", "--first_index", "-1"],
-     "error: --first_index must be 0 or more"),
+     "argument --first_index: -1 must be 0 or more (see --help)"),
     (["--dest_image_dir", "{dest}", "--num_samples", "4", "--num_workers", "0"],
-     "error: --num_workers must be positive"),
-    (["--dest_image_dir", "{dest}", "--num_samples", "4", "--style", "nope"],
-     "error: --style 'nope' is unknown; available: adventurer, adventurer-neutral,"),
-    (["--dest_image_dir", "{dest}", "--num_samples", "4", "--bogus"],
-     "error: unrecognized arguments: --bogus"),
-    (["--dest_image_dir", "{file}", "--num_samples", "4"], "error: --dest_image_dir"),
+     "argument --num_workers: 0 must be at least 1 (see --help)"),
+    (["--dest_image_dir", "{dest}", "--num_samples", "4", "--bogus"], "unrecognized arguments: --bogus (see --help)"),
+    (["--dest_image_dir", "{file}", "--num_samples", "4"],
+     "--dest_image_dir {file}: cannot create this folder (File exists); pass a folder you can write to"),
+    (["--dest_image_dir", "{file}/out", "--num_samples", "4"],
+     "--dest_image_dir {file}/out: cannot create this folder (Not a directory); pass a folder you can write to"),
 ])
 def test_bad_flags_give_one_line_error(tmp_path, args, message):
     (tmp_path / "a_file").write_text("")
-    args = [a.format(dest=tmp_path / "out", file=tmp_path / "a_file") for a in args]
-    result = run_cli(*args)
-    assert result.returncode == 1
+    names = dict(dest=tmp_path / "out", file=tmp_path / "a_file")
+    with pytest.raises(UserError) as error:
+        avatars.main([a.format(**names) for a in args])
+    assert str(error.value) == message.format(**names)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_style_lists_the_styles(tmp_path):
+    with pytest.raises(UserError) as error:
+        avatars.main(["--dest_image_dir", str(tmp_path / "out"), "--num_samples", "4", "--style", "nope"])
+    assert str(error.value) == f"--style 'nope' is unknown; available: {', '.join(avatars.available_styles())}"
+    assert "adventurer, adventurer-neutral," in str(error.value)
+
+
+@pytest.mark.slow
+def test_bad_number_exits_2_with_one_line(tmp_path):
+    result = run_script("images/avatars.py", "--dest_image_dir", tmp_path / "out", "--num_samples", "0")
+    assert result.returncode == 2
     assert result.stdout == ""
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert result.stderr.startswith(message)
+    assert one_line_error(result) == "error: argument --num_samples: 0 must be at least 1 (see --help)"
     assert not (tmp_path / "out").exists()

@@ -160,6 +160,7 @@ def open_env(server_url, name, profile, executable=None, timeout=60):
         browser.close()
 
 
+@pytest.mark.slow
 def test_the_tab_shows_the_runs_loss_plot(visdom_trained_run, tmp_path):
     server, run_dir, name, _ = visdom_trained_run
     page = open_env(server.url, name, str(tmp_path / "profile"))

@@ -1,3 +1,6 @@
+import dataclasses
+import os
+
 import pytest
 
 from config import Config, ConfigError, PRESETS, config_from_dict, config_to_dict, make_config
@@ -38,3 +41,63 @@ def test_unknown_preset():
 def test_config_round_trips_through_a_plain_dict(preset):
     config = make_config(preset)
     assert config_from_dict(config_to_dict(config)) == config
+
+
+# Every switch is read in one module (config.py's promise). A Config is always called `config`
+# (or `self.config`), so reads are the attributes of such a name.
+OWNERS = {
+    "unet.py": ["channels", "noise_cond", "norm", "act", "dropout", "down", "up", "attention", "tail",
+                "bn_sampling_stats"],
+    "dataset.py": ["data_range", "hflip"],
+    "diffusion.py": ["noise_sampling", "target", "loss_weighting", "sampler", "sampling_steps", "sampling_schedule",
+                     "eta", "clamp_x0"],
+    "train.py": ["optimizer", "learning_rate", "weight_decay", "batch_size", "ema_decay", "warmup_steps", "grad_clip"],
+}
+
+
+def config_reads(path):
+    """(field, line) of every `config.<field>`, `self.config.<field>` or getattr(config, "<field>")."""
+    import ast
+    fields = {f.name for f in dataclasses.fields(Config)}
+    is_config = lambda node: (isinstance(node, ast.Name) and "config" in node.id) or \
+        (isinstance(node, ast.Attribute) and "config" in node.attr)
+    reads = []
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Attribute) and node.attr in fields and is_config(node.value):
+            reads.append((node.attr, node.lineno))
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and len(node.args) >= 2
+              and is_config(node.args[0]) and isinstance(node.args[1], ast.Constant)):
+            reads.append((node.args[1].value, node.lineno))
+    return reads
+
+
+def project_files():
+    from testkit import REPO
+    for folder in (REPO, os.path.join(REPO, "images"), os.path.join(REPO, "tools")):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py") and name != "config.py":
+                yield os.path.relpath(os.path.join(folder, name), REPO)
+
+
+def test_the_owners_cover_every_field_once():
+    owned = [name for names in OWNERS.values() for name in names]
+    assert sorted(owned) == sorted(f.name for f in dataclasses.fields(Config))
+
+
+def test_every_field_is_read_in_its_owner_module_only():
+    from testkit import REPO
+    owner = {name: module for module, names in OWNERS.items() for name in names}
+    strays, read = [], set()
+    for path in project_files():
+        for field, line in config_reads(os.path.join(REPO, path)):
+            read.add(field)
+            if owner[field] != path:
+                strays.append(f"{path}:{line} reads config.{field}, which {owner[field]} owns")
+    assert strays == []
+    assert read == set(owner), f"never read: {set(owner) - read}"  # a switch nobody reads does nothing
+
+
+def test_the_ownership_check_finds_a_stray_read(tmp_path):
+    stray = tmp_path / "stray.py"
+    stray.write_text("def f(config, model):\n    return model.config.norm, getattr(config, 'eta'), config.channels\n")
+    assert sorted(config_reads(stray)) == [("channels", 2), ("eta", 2), ("norm", 2)]

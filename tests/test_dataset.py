@@ -84,6 +84,7 @@ def test_normalise_round_trips(data_range):
     ("corrupt", "cannot decode this image"),
     ("size", "expected 32x32"),
 ])
+@pytest.mark.slow
 def test_train_py_reports_bad_data_in_one_line(tmp_path, case, expected):
     good = make_avatar_folder(tmp_path / "good", 16)
     bad = tmp_path / "bad"
@@ -100,6 +101,7 @@ def test_train_py_reports_bad_data_in_one_line(tmp_path, case, expected):
     assert not (tmp_path / "run" / "latest_model.pth").exists()
 
 
+@pytest.mark.slow
 def test_train_py_skip_bad_images_reports_the_count(tmp_path):
     train = make_avatar_folder(tmp_path / "train", 16)
     (tmp_path / "train" / "999.png").write_bytes(b"garbage")

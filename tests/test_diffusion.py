@@ -1,15 +1,21 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from config import make_config
-from diffusion import (add_noise, linear_alpha_bar, loss_weight, make_scheduler, sample, sample_alpha_bar,
-                       target_of, training_loss, x0_and_eps_of)
+from diffusion import (add_noise, cosine_alpha_bar, linear_alpha_bar, loss_weight, make_scheduler, sample,
+                       sample_alpha_bar, target_of, training_loss, x0_and_eps_of)
+
+
+def sampling(config, **fields):
+    """The configuration with other sampling fields, as callers of `sample` pass them."""
+    return dataclasses.replace(config, **fields)
 
 
 def test_linear_schedule_matches_diffusers():
-    scheduler = make_scheduler(make_config("seed"), "ddpm", 1000, clamp=False)
+    scheduler = make_scheduler(sampling(make_config("seed"), sampler="ddpm", sampling_steps=1000, clamp_x0=False))
     assert torch.allclose(scheduler.alphas_cumprod, linear_alpha_bar(), rtol=1e-5, atol=1e-7)
     assert abs(linear_alpha_bar()[-1].item() - 4.04e-5) < 1e-6
 
@@ -69,10 +75,10 @@ class Recorder(torch.nn.Module):
 
 @pytest.mark.parametrize("sampler, steps", [("ddpm", 1000), ("ddpm", 50), ("ddim", 20), ("dpm", 15)])
 def test_the_network_is_given_the_alpha_bar_of_each_step(sampler, steps):
-    config = make_config("tiny")
+    config = sampling(make_config("tiny"), sampler=sampler, sampling_steps=steps)
     model = Recorder()
-    sample(model, config, 2, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
-    scheduler = make_scheduler(config, sampler, steps, clamp=False)
+    sample(model, config, 2, generator=torch.Generator().manual_seed(0))
+    scheduler = make_scheduler(config)
     expected = scheduler.alphas_cumprod[scheduler.timesteps].tolist()
     assert len(model.seen) == steps
     assert model.seen == pytest.approx(expected, rel=1e-6)
@@ -80,10 +86,88 @@ def test_the_network_is_given_the_alpha_bar_of_each_step(sampler, steps):
 
 
 def test_clamping_keeps_the_predicted_x0_in_range():
-    config = make_config("tiny")
+    config = sampling(make_config("tiny"), sampler="ddim", sampling_steps=10)
     wild = lambda x, a: torch.full_like(x, -50.0)  # an eps that implies a far-out x0
     with torch.no_grad():
-        free = sample(wild, config, 2, sampler="ddim", steps=10, clamp=False, generator=torch.Generator().manual_seed(0))
-        clamped = sample(wild, config, 2, sampler="ddim", steps=10, clamp=True, generator=torch.Generator().manual_seed(0))
+        free = sample(wild, sampling(config, clamp_x0=False), 2, generator=torch.Generator().manual_seed(0))
+        clamped = sample(wild, sampling(config, clamp_x0=True), 2, generator=torch.Generator().manual_seed(0))
     assert free.abs().max() > 10
     assert clamped.min() >= -1 - 1e-5 and clamped.max() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("sampler, scheduler_class", [("ddpm", "DDPMScheduler"), ("ddim", "DDIMScheduler"),
+                                                      ("dpm", "DPMSolverMultistepScheduler")])
+def test_make_scheduler_reads_sampler_steps_and_clamping_from_the_config(sampler, scheduler_class):
+    config = sampling(make_config("tiny"), sampler=sampler, sampling_steps=7)
+    assert type(make_scheduler(config)).__name__ == scheduler_class
+    assert len(make_scheduler(config).timesteps) == 7
+    # With clamping the network's output is turned into x0 before the scheduler sees it.
+    assert make_scheduler(sampling(config, clamp_x0=False)).config.prediction_type == "epsilon"
+    assert make_scheduler(sampling(config, clamp_x0=True)).config.prediction_type == "sample"
+
+
+def zero_eps(x, alpha_bar):
+    return torch.zeros_like(x)
+
+
+def test_ddim_eta_scales_the_step_noise_linearly():
+    # With eps = 0 a DDIM step is x_prev = sqrt(alpha_bar_prev / alpha_bar) x + sigma z, whatever eta,
+    # and sigma is proportional to eta (Song et al. 2021, eq. 16). Started from the same noise with
+    # the same step noise z, the outputs differ from eta = 0's by an amount proportional to eta.
+    config = sampling(make_config("tiny"), sampler="ddim", sampling_steps=10, clamp_x0=False)
+    x = {eta: sample(zero_eps, sampling(config, eta=eta), 4, generator=torch.Generator().manual_seed(0)).double()
+         for eta in (0.0, 0.5, 1.0)}
+    noise_1, noise_half = x[1.0] - x[0.0], x[0.5] - x[0.0]
+    assert noise_1.std() > 10  # measured: 39, beside a deterministic part of std 100
+    # Measured: equal to 1e-4, the float32 rounding of values up to 400.
+    assert torch.allclose(noise_half, 0.5 * noise_1, rtol=0, atol=1e-3)
+
+
+class GeneratorDrawer(torch.nn.Module):
+    """Predicts eps = 0, and draws from the sampling generator when `draws`: that changes every step
+    noise z that the sampler draws after it, but not the start noise drawn before the first step."""
+
+    def __init__(self, generator, draws):
+        super().__init__()
+        self.generator, self.draws = generator, draws
+
+    def forward(self, x, alpha_bar):
+        if self.draws:
+            torch.randn(7, generator=self.generator)
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_with_eta_0_depends_on_the_start_noise_alone(eta):
+    config = sampling(make_config("tiny"), sampler="ddim", sampling_steps=10, eta=eta)
+    outputs = []
+    for draws in (False, True):
+        generator = torch.Generator().manual_seed(0)
+        outputs.append(sample(GeneratorDrawer(generator, draws), config, 2, generator=generator))
+    assert torch.equal(outputs[0], outputs[1]) == (eta == 0)
+
+
+def test_cosine_sampling_schedule_is_nichol_and_dhariwals():
+    config = sampling(make_config("tiny"), sampler="ddpm", sampling_steps=1000, sampling_schedule="cosine")
+    alpha_bar = make_scheduler(config).alphas_cumprod.double()
+    # diffusers' step t ends at time (t + 1) / 1000 of the continuous schedule. Measured: equal to a
+    # relative 6e-7 (float32); at t / 1000 instead (one step off) they differ by up to 75%.
+    t = torch.arange(999, dtype=torch.float64)
+    assert torch.allclose(alpha_bar[:999], cosine_alpha_bar((t + 1) / 1000), rtol=1e-5, atol=0)
+    assert alpha_bar[999] < 1e-8  # alpha_bar(1) = 0, kept just above by the last beta's cap of 0.999
+    linear = make_scheduler(sampling(config, sampling_schedule="linear")).alphas_cumprod.double()
+    assert (alpha_bar - linear).abs().max() > 0.4  # measured 0.45, at t = 408
+
+
+def test_sample_follows_the_sampling_schedule():
+    config = sampling(make_config("tiny"), sampler="ddim", sampling_steps=10)
+    seen, outputs = {}, {}
+    for schedule in ("linear", "cosine"):
+        model = Recorder()
+        outputs[schedule] = sample(model, sampling(config, sampling_schedule=schedule), 2,
+                                   generator=torch.Generator().manual_seed(0))
+        seen[schedule] = model.seen
+    timesteps = make_scheduler(config).timesteps  # 999, 888, ..., 0 for both schedules
+    assert seen["cosine"] == pytest.approx(cosine_alpha_bar((timesteps.double() + 1) / 1000).tolist(), rel=1e-5, abs=1e-8)
+    assert seen["linear"] == pytest.approx(linear_alpha_bar()[timesteps].tolist(), rel=1e-5)
+    assert not torch.allclose(outputs["linear"], outputs["cosine"])

@@ -3,11 +3,13 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from testkit import REPO, run
 
 
+@pytest.mark.slow
 def test_train_then_generate_through_the_launchers(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(REPO, repo, symlinks=True, ignore=shutil.ignore_patterns(

@@ -235,14 +235,12 @@ def folders(tmp_path_factory, image_sets):
 
 
 def run_main(capsys, *argv):
-    """evaluate.main in this process: (exit code, stdout, stderr)."""
-    try:
-        evaluate.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
+    """evaluate.py's entry point, cli.run_main(evaluate.main), in this process: (exit code, stdout, stderr)."""
+    import cli
+    with pytest.raises(SystemExit) as exit:
+        cli.run_main(evaluate.main, [str(a) for a in argv])
     out, err = capsys.readouterr()
-    return code, out, err
+    return exit.value.code, out, err
 
 
 def test_image_dir_without_inception_writes_table_and_json(folders, tmp_path, capsys, monkeypatch):
@@ -295,7 +293,8 @@ def test_fid_path_runs_with_a_random_inception_state_dict(folders, tmp_path, cap
 
 
 @pytest.mark.parametrize("case", ["no_source", "reference_missing", "wrong_size", "checkpoint_missing",
-                                  "num_samples", "output_json", "garbage_weights", "foreign_state_dict", "too_few"])
+                                  "num_samples", "output_json", "garbage_weights", "foreign_state_dict", "too_few",
+                                  "batch_size", "steps", "eta"])
 def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
     sets = ["--reference_dir", folders["reference"], "--test_dir", folders["test"], "--no_download",
             "--inception_weights", tmp_path / "none.pth", "--device", "cpu"]
@@ -318,6 +317,11 @@ def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
     elif case == "num_samples":
         argv, expected = (["--checkpoint", tmp_path / "no.pth", "--num_samples", "1", *sets],
                           "error: --num_samples 1: need at least 2 images")
+    elif case in ("batch_size", "steps", "eta"):
+        value, message = {"batch_size": ("0", "0 must be at least 1"), "steps": ("-2", "-2 must be at least 1"),
+                          "eta": ("-0.5", "-0.5 must be 0 or more")}[case]
+        argv, expected = (["--checkpoint", tmp_path / "no.pth", *sets, f"--{case}", value],
+                          f"error: argument --{case}: {message} (see --help)")
     elif case == "output_json":
         out_json = tmp_path / "no_folder" / "eval.json"
         argv, expected = (["--image_dir", folders["fresh"], *sets, "--output_json", out_json],
@@ -339,6 +343,7 @@ def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith(expected), err
 
 
+@pytest.mark.slow
 def test_launcher_exits_nonzero_without_traceback(tmp_path):
     result = subprocess.run(["bash", str(REPO / "evaluate.sh"), "--image_dir", tmp_path, "--reference_dir",
                              tmp_path / "nowhere", "--no_download", "--inception_weights", tmp_path / "none.pth"],
@@ -350,6 +355,7 @@ def test_launcher_exits_nonzero_without_traceback(tmp_path):
         f"bash images/make_default_dataset.sh, or point the flag at a folder of 32x32 images"]
 
 
+@pytest.mark.slow
 def test_checkpoint_end_to_end(folders, tmp_path):
     """train.py --preset tiny for 2 steps, then evaluate.sh generates 16 images with 2 steps."""
     run_dir = tmp_path / "run"

@@ -4,6 +4,8 @@ from PIL import Image
 
 from testkit import make_avatar_folder, one_line_error, run_script, tiny_train_args
 
+pytestmark = pytest.mark.slow  # every test here uses a checkpoint trained by train.py in a subprocess
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -78,10 +80,11 @@ def test_more_images_with_the_same_seed_extend_the_fewer(checkpoint):
     """6 images in batches of 4 are the first 6 of 8 in batches of 4: the last, short batch is
     sampled whole and cut (one shape for a compiled network), and draws the same noise."""
     import torch
-    from generate import generate_images, load_model
-    model, config = load_model(str(checkpoint), "cpu")
-    six = generate_images(model, config, 6, steps=3, batch_size=4, progress=False)
-    eight = generate_images(model, config, 8, steps=3, batch_size=4, progress=False)
+    from checkpoint import load_for_sampling
+    from generate import generate_images
+    model, config = load_for_sampling(str(checkpoint), "cpu", sampling_steps=3)
+    six = generate_images(model, config, 6, batch_size=4, progress=False)
+    eight = generate_images(model, config, 8, batch_size=4, progress=False)
     assert six.shape == (6, 3, 32, 32)
     assert torch.equal(six, eight[:6])
     assert not torch.equal(six[4], six[0])
@@ -90,4 +93,26 @@ def test_more_images_with_the_same_seed_extend_the_fewer(checkpoint):
 def test_batch_size_below_one_is_a_one_line_error(checkpoint, tmp_path):
     result = run_script("generate.py", "--checkpoint", checkpoint, "--generated_image_save_dir", tmp_path,
                         "--device", "cpu", "--batch_size", 0)
-    assert "--batch_size 0" in one_line_error(result)
+    assert result.returncode == 2
+    assert one_line_error(result) == "error: argument --batch_size: 0 must be at least 1 (see --help)"
+
+
+@pytest.mark.parametrize("flag, value, message", [("--n", 0, "0 must be at least 1"), ("--m", "two", "'two' is not an integer"),
+                                                   ("--steps", 0, "0 must be at least 1"),
+                                                   ("--seed", -1, "-1 must be 0 or more"),
+                                                   ("--clamp", "maybe", "expected True or False")])
+def test_bad_numbers_are_one_line_errors(checkpoint, tmp_path, flag, value, message):
+    result = run_script("generate.py", "--checkpoint", checkpoint, "--generated_image_save_dir", tmp_path,
+                        "--device", "cpu", flag, value)
+    assert result.returncode == 2
+    assert one_line_error(result).startswith(f"error: argument {flag}: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_below_a_file_is_a_one_line_error(checkpoint, tmp_path):
+    (tmp_path / "a_file").write_text("mine")
+    result = run_script("generate.py", "--checkpoint", checkpoint, "--generated_image_save_dir",
+                        tmp_path / "a_file" / "grids", "--device", "cpu", "--steps", 2)
+    assert result.returncode == 2
+    assert one_line_error(result).startswith(
+        f"error: --generated_image_save_dir {tmp_path / 'a_file' / 'grids'}: cannot create this folder")

@@ -3,6 +3,7 @@
 playground-v2.5 is a StableDiffusionXLPipeline (two CLIP text encoders, SDXL UNet and VAE) with the
 EDM DPM-Solver++ scheduler. The tests build the same classes with tiny sizes, save them like a hub
 folder (fp16 variant file names, as the real model ships) and run the real script on them.
+Also: images/bench_playground.py, and the seed's launchers images/seed_data.sh (generate and downsample).
 """
 
 import contextlib
@@ -16,9 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli import UserError
+from testkit import one_line_error, run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "images", "generate_image.py")
 sys.path.insert(0, os.path.join(REPO, "images"))
+import bench_playground  # noqa: E402
 import generate_image  # noqa: E402
 from bench_playground import bytes_to_unicode  # noqa: E402  (the byte alphabet of the bench's tokenizers)
 
@@ -120,6 +125,7 @@ def one_process_run(tiny_pipeline, tmp_path_factory):
     return out, first, first_listing, first_state, deleted, second_stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_writes_the_requested_images(one_process_run):
     out, first, first_listing, _, _, _ = one_process_run
     assert first_listing == ["0.png", "1.png", "2.png"]
@@ -150,6 +156,7 @@ def test_pixels_are_those_of_diffusers_pil_output(tiny_pipeline, tmp_path):
         assert np.array_equal(pixels(tmp_path / f"{i}.png"), want)
 
 
+@pytest.mark.slow
 def test_second_run_adds_only_missing_images(one_process_run):
     out, _, _, first_state, deleted, second = one_process_run
     assert listing(out) == ["0.png", "1.png", "2.png", "3.png", "4.png", "notes.txt"]  # temporary file gone
@@ -161,6 +168,7 @@ def test_second_run_adds_only_missing_images(one_process_run):
     assert np.abs(pixels(out / "1.png") - np.asarray(Image.open(io.BytesIO(deleted))).astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_two_ranks_split_the_work_with_no_overlap_and_no_gap(tiny_pipeline, one_process_run, tmp_path):
     reference = one_process_run[0]
     out = tmp_path / "images"
@@ -222,37 +230,83 @@ def test_regional_compile_compiles_each_transformer_block_in_place():
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)
 
 
-def test_bad_boolean_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
+def test_bad_boolean_is_a_one_line_error():
+    with pytest.raises(UserError) as error:
         generate_image.parse_args(["--local_files_only", "maybe"])
-    assert exit_info.value.code == 2
-    assert "expected True or False" in capsys.readouterr().err
+    assert str(error.value) == "argument --local_files_only: expected True or False (or 1/0), got 'maybe' (see --help)"
 
 
+@pytest.mark.parametrize("script, flag, value, message", [
+    (generate_image, "--num_samples", "-1", "-1 must be 0 or more"),
+    (generate_image, "--num_inference_steps", "0", "0 must be at least 1"),
+    (generate_image, "--guidance_scale", "-1", "-1 must be 0 or more"),
+    (generate_image, "--guidance_scale", "nan", "nan must be 0 or more"),
+    (generate_image, "--batch_size", "0", "0 must be at least 1"),
+    (generate_image, "--batch_size", "2.5", "'2.5' is not an integer"),
+    (generate_image, "--height", "0", "0 must be at least 1"),
+    (generate_image, "--height", "1020", "1020 is not a multiple of 8"),
+    (generate_image, "--width", "33", "33 is not a multiple of 8"),
+    (generate_image, "--seed", "-1", "-1 must be 0 or more"),
+    (generate_image, "--seed", str(2**31), f"{2**31} must be below 2**31 = {2**31}"),
+    (generate_image, "--save_threads", "0", "0 must be at least 1"),
+    (bench_playground, "--batch_size", "0", "0 must be at least 1"),
+    (bench_playground, "--guidance_scale", "-0.5", "-0.5 must be 0 or more"),
+    (bench_playground, "--time_budget", "0", "0 must be positive"),
+], ids=lambda value: getattr(value, "__name__", None))
+def test_bad_numbers_name_the_flag(script, flag, value, message):
+    """generate_image.py and bench_playground.py: a bad number is one line naming the flag."""
+    with pytest.raises(UserError) as error:
+        script.parse_args([flag, value])
+    assert str(error.value) == f"argument {flag}: {message} (see --help)"
+
+
+def test_edge_numbers_are_accepted():
+    args = generate_image.parse_args(["--num_samples", "0", "--height", "8", "--width", "1024", "--seed",
+                                      str(2**31 - 1), "--guidance_scale", "0"])
+    assert (args.num_samples, args.height, args.width, args.seed, args.guidance_scale) == (0, 8, 1024, 2**31 - 1, 0.0)
+
+
+def test_output_folder_below_a_file_is_one_line_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "images"
+    with pytest.raises(UserError) as error:
+        generate_image.main(["--image_save_dir", str(out), "--num_samples", "1", "--device", "cpu"])
+    assert str(error.value) == (f"--image_save_dir {out}: cannot create this folder (Not a directory); "
+                                "pass a folder you can write to")
+
+
+@pytest.mark.slow
 def test_missing_weights_say_where_to_get_them(tmp_path):
     hub_id = "example-org/not-a-real-model-xyz"
     hf_home = tmp_path / "hf"
     result = run_script(["--model_name", hub_id, "--image_save_dir", str(tmp_path / "out"), "--num_samples", "1",
                          "--device", "cpu"], env={"HF_HOME": str(hf_home)})
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("error: ")
-    assert hub_id in lines[0]
-    assert "models/not-a-real-model-xyz" in lines[0]
-    assert f"HF_HOME, now {hf_home}" in lines[0]
+    assert result.returncode == 2
+    assert one_line_error(result) == (
+        f"error: weights for {hub_id} not found locally and not downloadable: on a machine with network run "
+        f"`hf download {hub_id} --local-dir models/not-a-real-model-xyz` and copy that folder here (or set "
+        f"HF_HOME, now {hf_home}, to a Hugging Face cache that holds it); see models/README.md")
     assert listing(tmp_path / "out") == []
+
+
+@pytest.mark.slow
+def test_bad_number_exits_2_with_one_line(tmp_path):
+    result = run_script(["--image_save_dir", str(tmp_path / "out"), "--batch_size", "0"])
+    assert result.returncode == 2
+    assert one_line_error(result) == "error: argument --batch_size: 0 must be at least 1 (see --help)"
+    assert not (tmp_path / "out").exists()
 
 
 def test_unloadable_local_folder_names_it(tmp_path):
     folder = tmp_path / "empty_model"
     folder.mkdir()
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UserError) as error:
         generate_image.main(["--model_name", str(folder), "--image_save_dir", str(tmp_path / "out"),
                              "--num_samples", "1", "--device", "cpu"])
-    message = str(exit_info.value.code)  # SystemExit with a text: Python prints it alone and exits 1
+    message = str(error.value)
     assert "\n" not in message
-    assert message.startswith(f"error: cannot load the pipeline in {folder}")
+    assert message.startswith(f"cannot load the pipeline in {folder}: ")
+    assert message.endswith("; point --model_name at a complete diffusers folder")
 
 
 def test_bench_builds_playground_v2_5_full_size_architecture():
@@ -315,3 +369,58 @@ def test_tiny_bench_times_every_setting_and_splits_one_call(tmp_path):
     table = (tmp_path / "bench_playground.md").read_text()
     assert "UNet TFLOP/s" in table and "One call of ours" in table
     assert all(f"| {row['what']} |" in table for row in rows.values())
+
+
+def test_bench_output_folder_below_a_file_is_one_line_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "bench"
+    with pytest.raises(UserError) as error:
+        bench_playground.main(["--tiny", "--device", "cpu", "--out", str(out)])
+    assert str(error.value) == (f"--out {out}: cannot create this folder (Not a directory); "
+                                "pass a folder you can write to")
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """A stand-in for the launchers' python (PY=...): prints the arguments it was given, one a line."""
+    path = tmp_path / "python"
+    path.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+SEED_FLAGS = {  # what images/seed_data.sh passes for each set; any flag given to a launcher is appended
+    "generate": lambda split, num_samples, seed: [
+        "images/generate_image.py", "--num_samples", num_samples, "--image_save_dir", f"images/{split}_images",
+        "--prompt", "anime-style avatar, totally white background",
+        "--model_name", "playgroundai/playground-v2.5-1024px-aesthetic", "--variant", "fp16",
+        "--num_inference_steps", "50", "--guidance_scale", "3", "--device", "cuda", "--seed", seed],
+    "downsample": lambda split, num_samples, seed: [
+        "images/downsample.py", "--source_image_dir", f"images/{split}_images",
+        "--dest_image_dir", f"images/{split}_images_downsample", "--dest_image_height", "32",
+        "--dest_image_width", "32", "--num_samples", "-1", "--skip_exists", "True"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["generate_images", "downsample_images"])
+@pytest.mark.parametrize("split, num_samples, seed", [("train", "50000", "0"), ("test", "5000", "1")])
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_launchers_pass_the_seed_flags(fake_python, launcher, split, num_samples, seed, nproc):
+    """The four launchers are thin wrappers over images/seed_data.sh; PY points them at a python that
+    prints its arguments. NPROC=2 runs generate_image.py under torchrun, one rank per GPU."""
+    result = run(["bash", os.path.join(REPO, "images", f"{launcher}_for_{split}.sh"), "--batch_size", "2"],
+                 env={"PY": fake_python, "NPROC": nproc})
+    assert result.returncode == 0, result.stderr
+    step = launcher.split("_")[0]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    expected = (torchrun if step == "generate" and nproc == "2" else []) + SEED_FLAGS[step](split, num_samples, seed)
+    assert result.stdout.splitlines() == [*expected, "--batch_size", "2"]
+
+
+@pytest.mark.slow
+def test_launcher_refuses_an_unknown_set():
+    result = run(["bash", os.path.join(REPO, "images", "seed_data.sh"), "downsample", "valid"])
+    assert result.returncode == 2
+    assert one_line_error(result) == ("error: the set is train or test, not 'valid'; usage: bash images/seed_data.sh "
+                                      "generate|downsample train|test [flags for the script]")

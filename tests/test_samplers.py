@@ -4,6 +4,7 @@ sampler at its recommended number of steps must reproduce the data distribution.
 Shown once by hand (see the issue note): giving the network the alpha_bar of the next step
 instead of the current one makes the Gaussian variance and the K-point distance tests fail.
 """
+import dataclasses
 import math
 
 import pytest
@@ -18,6 +19,12 @@ RECOMMENDED_STEPS = {"ddpm": 1000, "ddim": 100, "dpm": 25}
 # still about 5% under-dispersed on the Gaussian below (DPM-Solver's steps, uniform in log-SNR, are not).
 VARIANCE_TOLERANCE = {"ddpm": 0.03, "ddim": 0.07, "dpm": 0.03}
 D = 3 * 32 * 32
+
+
+def sampler_config(sampler):
+    """tiny (target eps, linear schedule, eta 0) with this sampler at its recommended steps, unclamped."""
+    return dataclasses.replace(make_config("tiny"), sampler=sampler, sampling_steps=RECOMMENDED_STEPS[sampler],
+                               clamp_x0=False)
 
 
 class PointsDenoiser(torch.nn.Module):
@@ -61,9 +68,8 @@ class GaussianDenoiser(torch.nn.Module):
 def test_samples_land_on_the_k_points_uniformly(sampler):
     K, N = 8, 200
     points = torch.rand(K, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    config = make_config("tiny")
-    x = sample(PointsDenoiser(points), config, N, sampler=sampler, steps=RECOMMENDED_STEPS[sampler], clamp=False,
-               generator=torch.Generator().manual_seed(2))
+    config = sampler_config(sampler)
+    x = sample(PointsDenoiser(points), config, N, generator=torch.Generator().manual_seed(2))
     distances = torch.cdist(x.flatten(1).double(), points.flatten(1).double())
     nearest_rms, nearest = (distances / math.sqrt(D)).min(dim=1)
     # Points are about 0.8 (RMS per pixel) apart; a sample within 0.05 has found one.
@@ -78,9 +84,8 @@ def test_gaussian_data_mean_and_covariance(sampler):
     g = torch.Generator().manual_seed(3)
     mu = torch.rand(3, 32, 32, generator=g) - 0.5
     s = torch.rand(3, 32, 32, generator=g) * 0.35 + 0.25  # per-pixel std 0.25..0.6, like images in [-1, 1]
-    config = make_config("tiny")
-    x = sample(GaussianDenoiser(mu, s), config, N, sampler=sampler, steps=RECOMMENDED_STEPS[sampler], clamp=False,
-               generator=torch.Generator().manual_seed(4)).double()
+    config = sampler_config(sampler)
+    x = sample(GaussianDenoiser(mu, s), config, N, generator=torch.Generator().manual_seed(4)).double()
     # Mean: the squared error of the sample mean, in units of its standard error, averages 1.
     z2 = ((x.mean(0) - mu) ** 2 / (s ** 2 / N)).mean().item()
     assert 0.85 < z2 < 1.2, z2

@@ -27,6 +27,7 @@ def log_records(run_dir, kind):
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_16_image_set(tmp_path):
     images = make_avatar_folder(tmp_path / "sixteen", 16)
     run = tmp_path / "run"
@@ -60,6 +61,7 @@ def assert_same_tensors(a, b, where=""):
         assert a == b, where
 
 
+@pytest.mark.slow
 def test_interrupt_and_resume_is_exact(data, tmp_path):
     # 64 images in batches of 16: 4 steps an epoch, so a stop after 6 steps is mid-epoch.
     # Dropout and flips are on, so the RNG states have to be restored too.
@@ -80,6 +82,7 @@ def test_interrupt_and_resume_is_exact(data, tmp_path):
         [r["train_loss"] for r in log_records(straight, "train")], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_an_epoch_checkpoint_written_while_training_went_on_resumes_exactly(data, tmp_path):
     # Checkpoints are written in the background; 1.pth must hold step 4's state, not a later one.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -93,16 +96,7 @@ def test_an_epoch_checkpoint_written_while_training_went_on_resumes_exactly(data
         assert_same_tensors(a[key], b[key], key)
 
 
-def test_the_state_to_write_is_a_copy_that_training_cannot_change():
-    from train import on_cpu
-    weights = torch.zeros(3)
-    state = {"model": {"w": weights}, "optimizer": {"state": {0: {"exp_avg": weights}}, "param_groups": [{"params": [0]}]}}
-    copied = on_cpu(state)
-    weights += 1
-    assert copied["model"]["w"].sum() == 0 and copied["optimizer"]["state"][0]["exp_avg"].sum() == 0
-    assert copied["optimizer"]["param_groups"] == [{"params": [0]}]
-
-
+@pytest.mark.slow
 def test_checkpoint_holds_everything_and_loads_weights_only(data, tmp_path):
     train(data, tmp_path, "--max_steps", 8, "--save_every", 1)
     checkpoint = torch.load(tmp_path / "latest_model.pth", weights_only=True)
@@ -112,6 +106,7 @@ def test_checkpoint_holds_everything_and_loads_weights_only(data, tmp_path):
                                             "log.jsonl", "loss_curve.png"]
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_one_line_and_older_ones_still_load(data, tmp_path):
     run = tmp_path / "run"
     train(data, run, "--max_steps", 8, "--save_every", 1)
@@ -127,6 +122,7 @@ def test_truncated_checkpoint_is_one_line_and_older_ones_still_load(data, tmp_pa
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_resume_with_another_configuration_is_refused(data, tmp_path):
     train(data, tmp_path, "--max_steps", 2)
     line = one_line_error(run_script("train.py", *tiny_train_args(data[0], data[1], str(tmp_path), "--max_steps", 4,
@@ -137,15 +133,17 @@ def test_resume_with_another_configuration_is_refused(data, tmp_path):
     assert torch.load(tmp_path / "latest_model.pth", weights_only=True)["config"]["norm"] == "batch"
 
 
+@pytest.mark.slow
 def test_bad_flags_are_one_line_errors(data, tmp_path):
     for extra, expected in [(("--set", "norm=layer"), "norm=layer"), (("--preset", "huge"), "--preset 'huge'"),
                             (("--batch_size", 1000), "--batch_size 1000 is larger than the 64 images"),
-                            (("--log_every", 0), "--log_every 0: must be at least 1"),
-                            (("--max_steps", -3), "--max_steps and --max_minutes must be 0")]:
+                            (("--log_every", 0), "argument --log_every: 0 must be at least 1"),
+                            (("--max_steps", -3), "argument --max_steps: -3 must be 0 or more")]:
         line = one_line_error(run_script("train.py", *tiny_train_args(data[0], data[1], str(tmp_path), *extra)))
         assert expected in line, line
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(data, tmp_path):
     # A folder where latest_model.pth should go: the write fails as a full disk would, after training.
     (tmp_path / "latest_model.pth").mkdir()
@@ -158,6 +156,7 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(data, tmp_path)
     assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_an_exact_checkpoint(data, tmp_path):
     args = [PYTHON, os.path.join(REPO, "train.py"), *tiny_train_args(data[0], data[1], str(tmp_path), "--num_epochs", 10000)]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -171,3 +170,93 @@ def test_ctrl_c_saves_an_exact_checkpoint(data, tmp_path):
     checkpoint = torch.load(tmp_path / "latest_model.pth", weights_only=True)
     assert checkpoint["step"] >= 4
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+# ---- the optimisation fields, each tested through train.py's own step -------------------------------
+
+def one_step(overrides, step=0, seed=0):
+    """(model before, model after, EMA after, optimiser) of one train_step on a fixed tiny batch."""
+    import copy
+    from config import make_config
+    from train import make_ema, make_optimizer, make_train_step
+    from unet import UNet
+    config = make_config("tiny", ["dropout=0", *overrides])
+    torch.manual_seed(seed)
+    model = UNet(config)
+    before = copy.deepcopy(model)
+    ema = make_ema(model, config)
+    optimizer = make_optimizer(model, config, fused=False)
+    g = torch.Generator().manual_seed(1)
+    x0, eps, alpha_bar = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.randn(4, 3, 32, 32, generator=g), \
+        torch.rand(4, generator=g)
+    make_train_step(model, model, ema, optimizer, config, None)(x0, eps, alpha_bar, step)
+    return before, model, ema, optimizer
+
+
+def weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("step, expected", [(0, 1e-3 / 10), (4, 5e-3 / 10), (9, 1e-3), (500, 1e-3)])
+def test_warmup_ramps_the_learning_rate_linearly(step, expected):
+    _, _, _, optimizer = one_step(["warmup_steps=10", "learning_rate=1e-3"], step=step)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    _, _, _, optimizer = one_step(["warmup_steps=0", "learning_rate=1e-3"], step=step)
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_grad_clip_bounds_the_gradient_norm():
+    _, model, _, _ = one_step(["grad_clip=0"])
+    free = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    _, model, _, _ = one_step(["grad_clip=0.01"])
+    clipped = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert free > 1 and clipped == pytest.approx(0.01, rel=1e-4)  # measured: free about 30
+
+
+def test_weight_decay_shrinks_the_weights_as_adamw_says():
+    # AdamW (Loshchilov & Hutter 2019, Algorithm 2): p <- p - lr * (adam_update + weight_decay * p).
+    before, plain, _, _ = one_step(["optimizer=adamw", "learning_rate=1e-3", "weight_decay=0"])
+    _, decayed, _, _ = one_step(["optimizer=adamw", "learning_rate=1e-3", "weight_decay=0.5"])
+    assert torch.allclose(weights(decayed) - weights(plain), -1e-3 * 0.5 * weights(before), atol=1e-7)
+    assert (weights(decayed) - weights(plain)).abs().max() > 1e-5
+
+
+def test_the_optimizer_field_picks_adam_or_adamw():
+    # With weight decay, Adam adds it to the gradient (L2) instead of decaying the weights.
+    assert type(one_step(["optimizer=adam"])[3]) is torch.optim.Adam
+    assert type(one_step(["optimizer=adamw"])[3]) is torch.optim.AdamW
+
+
+def test_ema_follows_the_weights_with_its_ramped_decay():
+    from train import ema_decay_at
+    from config import make_config
+    before, model, ema, _ = one_step(["ema_decay=0.999"], step=20)
+    decay = ema_decay_at(make_config("tiny", ["ema_decay=0.999"]), 20)
+    assert decay == pytest.approx(21 / 30)  # (1 + step) / (10 + step), below 0.999 this early
+    assert torch.allclose(weights(ema), decay * weights(before) + (1 - decay) * weights(model), atol=1e-7)
+    _, model, ema, _ = one_step(["ema_decay=0"])
+    assert ema is model
+
+
+# ---- bad input: one line, exit status 2 --------------------------------------------------------------
+
+@pytest.mark.slow
+def test_batch_size_zero_and_other_bad_numbers_are_one_line_errors(data, tmp_path):
+    for extra, expected in [(("--batch_size", 0), "argument --batch_size: 0 must be at least 1"),
+                            (("--learning_rate", "-1e-4"), "argument --learning_rate: -1e-4 must be positive"),
+                            (("--max_minutes", "nan"), "argument --max_minutes: nan must be 0 or more"),
+                            (("--visdom_port", 70000), "argument --visdom_port: 70000 is not a TCP port"),
+                            (("--num_epochs", "ten"), "argument --num_epochs: 'ten' is not an integer")]:
+        result = run_script("train.py", *tiny_train_args(data[0], data[1], str(tmp_path / "run"), *extra))
+        assert result.returncode == 2 and expected in one_line_error(result), result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_folder_that_cannot_be_created_is_a_one_line_error(data, tmp_path):
+    (tmp_path / "a_file").write_text("mine")
+    result = run_script("train.py", *tiny_train_args(data[0], data[1], str(tmp_path / "a_file" / "run"), "--max_steps", 1))
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert line.startswith(f"error: --model_checkpoint_dir {tmp_path / 'a_file' / 'run'}: cannot create this folder"), line
+    assert (tmp_path / "a_file").read_text() == "mine"

@@ -1,17 +1,49 @@
+"""Each network switch of config.py is checked for what it promises, in the modules it builds or in
+the output, so that a switch unet.py ignored would fail its test."""
 import itertools
+from collections import Counter
 
 import pytest
 import torch
+import torch.nn as nn
 
 from config import make_config
 from testkit import run_script
-from unet import UNet, count_parameters
+from unet import ConvBlock, SelfAttention, UNet, count_parameters
+
+# tiny: channels (16, 32, 32, 32), three down levels and three up levels of two Stages each, and a
+# middle of two Stages; every Stage is a ResBlock of two ConvBlocks.
+LEVELS = 3
+CONV_BLOCKS = 2 * (2 * LEVELS + 2 + 2 * LEVELS)  # 28
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def build(*overrides, seed=0):
+    torch.manual_seed(seed)
+    return UNet(make_config("tiny", list(overrides)))
+
+
+def count(model, kind):
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+def output_sizes(modules, model, x, alpha_bar):
+    """Run the model once; returns, for each module, the (channels, height) of each of its outputs."""
+    seen = {m: [] for m in modules}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen[mod].append(tuple(out.shape[1:3])))
+             for m in modules]
+    with torch.no_grad():
+        model(x, alpha_bar)
+    for h in hooks:
+        h.remove()
+    return [seen[m] for m in modules]
 
 
 def test_seed_network_has_exactly_the_seeds_parameter_count():
     assert count_parameters(UNet(make_config("seed"))) == 138_624_003
 
 
+@pytest.mark.slow
 def test_unet_cli_prints_the_exact_count():
     result = run_script("unet.py", "--preset", "seed")
     assert result.returncode == 0, result.stderr
@@ -20,8 +52,7 @@ def test_unet_cli_prints_the_exact_count():
 
 @pytest.mark.parametrize("norm, noise_cond", itertools.product(["batch", "group", "none"], ["none", "film"]))
 def test_every_norm_and_noise_cond_runs_forward_and_backward(norm, noise_cond):
-    torch.manual_seed(0)
-    model = UNet(make_config("tiny", [f"norm={norm}", f"noise_cond={noise_cond}"]))
+    model = build(f"norm={norm}", f"noise_cond={noise_cond}")
     x, alpha_bar = torch.randn(4, 3, 32, 32), torch.rand(4)
     out = model(x, alpha_bar)
     assert out.shape == (4, 3, 32, 32)
@@ -33,8 +64,7 @@ def test_every_norm_and_noise_cond_runs_forward_and_backward(norm, noise_cond):
 
 @pytest.mark.parametrize("noise_cond", ["none", "film"])
 def test_only_film_networks_are_told_the_noise_level(noise_cond):
-    torch.manual_seed(0)
-    model = UNet(make_config("tiny", [f"noise_cond={noise_cond}"])).eval()
+    model = build(f"noise_cond={noise_cond}").eval()
     for m in model.modules():  # FiLM starts at zero (identity); perturb it so the level matters
         if getattr(m, "film", None) is not None:
             torch.nn.init.normal_(m.film.weight, std=0.1)
@@ -45,23 +75,137 @@ def test_only_film_networks_are_told_the_noise_level(noise_cond):
     assert torch.equal(a, b) == (noise_cond == "none")
 
 
-@pytest.mark.parametrize("override", ["act=relu", "act=gelu", "down=conv", "up=transposed", "attention=(16,8)",
-                                      "tail=tanh", "dropout=0.3", "channels=(8,16,24,32)"])
-def test_other_switches_build_and_run(override):
-    model = UNet(make_config("tiny", [override]))
-    out = model(torch.randn(2, 3, 32, 32), torch.rand(2))
-    assert out.shape == (2, 3, 32, 32)
-    if override == "tail=tanh":
-        assert out.abs().max() <= 1
+@pytest.mark.parametrize("act", ["silu", "relu", "gelu"])
+def test_act_is_the_activation_of_every_conv_block_and_no_other_is_used(act):
+    model = build(f"act={act}")
+    blocks = [m for m in model.modules() if isinstance(m, ConvBlock)]
+    assert len(blocks) == CONV_BLOCKS
+    assert all(type(b.act) is ACTIVATIONS[act] for b in blocks)
+    # Outside the noise embedding's MLP (always SiLU) the network has exactly these activations.
+    outside = Counter(type(m) for name, m in model.named_modules()
+                      if not name.startswith("noise_embedding") and type(m) in ACTIVATIONS.values())
+    assert outside == {ACTIVATIONS[act]: CONV_BLOCKS}
 
 
-def test_switches_change_the_modules():
-    names = lambda m: {type(x).__name__ for x in m.modules()}
-    assert "MaxPool2d" in names(UNet(make_config("tiny"))) and "MaxPool2d" not in names(UNet(make_config("tiny", ["down=conv"])))
-    assert "ConvTranspose2d" in names(UNet(make_config("tiny", ["up=transposed"])))
-    assert "SelfAttention" in names(UNet(make_config("tiny", ["attention=(8,)"])))
-    assert "BatchNorm2d" in names(UNet(make_config("tiny", ["norm=batch"])))
-    assert "GELU" in names(UNet(make_config("tiny", ["act=gelu"])))
+def test_act_changes_the_output_of_identical_weights():
+    x, alpha_bar = torch.randn(2, 3, 32, 32), torch.rand(2)
+    with torch.no_grad():
+        outs = {act: build(f"act={act}").eval()(x, alpha_bar) for act in ACTIVATIONS}
+    # Activations have no parameters: the same seed gives the same weights, only the act differs.
+    for a, b in itertools.combinations(ACTIVATIONS, 2):
+        assert (outs[a] - outs[b]).abs().max() > 1e-3, (a, b)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dropout_is_the_rate_of_every_dropout_and_acts_in_training_only(dropout):
+    model = build(f"dropout={dropout}")
+    rates = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert rates == [dropout] * CONV_BLOCKS
+    x, alpha_bar = torch.randn(2, 3, 32, 32), torch.rand(2)
+    with torch.no_grad():
+        train_a, train_b = model.train()(x, alpha_bar), model(x, alpha_bar)
+        eval_a, eval_b = model.eval()(x, alpha_bar), model(x, alpha_bar)
+    assert torch.equal(eval_a, eval_b)
+    # tiny uses group norm, so train and eval differ by dropout alone.
+    assert torch.equal(train_a, train_b) == (dropout == 0)
+    assert torch.equal(train_a, eval_a) == (dropout == 0)
+
+
+@pytest.mark.parametrize("channels", [(16, 32, 32, 32), (8, 16, 24, 40)])
+def test_channels_are_the_head_width_then_each_levels_width(channels):
+    model = build(f"channels={channels}")
+    levels = [model.head] + [level["res2"] for level in model.down] + [model.middle[-1]] \
+        + [level["res2"] for level in model.up]
+    sizes = output_sizes(levels, model, torch.randn(2, 3, 32, 32), torch.rand(2))
+    widths = [s[0][0] for s in sizes]
+    c = list(channels)
+    assert widths == c + [c[-1]] + c[-2::-1]  # head, down levels, middle, up levels back to the head's width
+    # Every conv of a down level produces that level's width.
+    for level, width in zip(model.down, c[1:]):
+        assert {m.out_channels for m in level.modules() if isinstance(m, nn.Conv2d)} == {width}
+
+
+def test_channels_change_the_parameter_count():
+    counts = {c: count_parameters(build(f"channels={c}")) for c in ["(16,32,32,32)", "(8,16,24,40)", "(16,32,32,64)"]}
+    assert len(set(counts.values())) == 3, counts
+
+
+@pytest.mark.parametrize("down", ["maxpool", "conv"])
+def test_down_is_max_pooling_or_a_strided_conv_that_halves_the_size(down):
+    model = build(f"down={down}")
+    pools = [level["pool"] for level in model.down]
+    if down == "maxpool":
+        assert all(type(p) is nn.MaxPool2d for p in pools)
+    else:
+        assert all(type(p) is nn.Conv2d and p.stride == (2, 2) for p in pools)
+        assert count(model, nn.MaxPool2d) == 0
+    sizes = output_sizes(pools, model, torch.randn(2, 3, 32, 32), torch.rand(2))
+    assert [s[0][1] for s in sizes] == [16, 8, 4]
+
+
+@pytest.mark.parametrize("up", ["nearest", "transposed"])
+def test_up_is_nearest_upsampling_or_a_transposed_conv_that_doubles_the_size(up):
+    model = build(f"up={up}")
+    if up == "nearest":
+        assert count(model, nn.Upsample) == LEVELS and count(model, nn.ConvTranspose2d) == 0
+        assert all(level["upsample"].mode == "nearest" for level in model.up)
+    else:
+        assert count(model, nn.ConvTranspose2d) == LEVELS and count(model, nn.Upsample) == 0
+    sizes = output_sizes([level["upsample"] for level in model.up], model, torch.randn(2, 3, 32, 32), torch.rand(2))
+    assert [s[0][1] for s in sizes] == [8, 16, 32]
+
+
+@pytest.mark.parametrize("attention", [(), (8,), (16, 8), (4,)])
+def test_self_attention_sits_exactly_at_the_listed_resolutions(attention):
+    model = build(f"attention={attention}")
+    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    # Resolutions 32, 16 and 8 have two Stages going down and two coming up; 4 is the middle's two.
+    per_resolution = {32: 4, 16: 4, 8: 4, 4: 2}
+    assert len(layers) == sum(per_resolution[r] for r in attention)
+    sizes = output_sizes(layers, model, torch.randn(2, 3, 32, 32), torch.rand(2))
+    assert all(len(s) == 1 for s in sizes)  # each one runs once a forward pass
+    assert Counter(s[0][1] for s in sizes) == {r: per_resolution[r] for r in attention}
+
+
+def test_tail_tanh_is_tanh_of_the_conv_tails_output():
+    x, alpha_bar = torch.randn(2, 3, 32, 32), torch.rand(2)
+    conv, tanh = build("tail=conv").eval(), build("tail=tanh").eval()
+    assert type(conv.tail) is nn.Conv2d
+    assert type(list(tanh.modules())[-1]) is nn.Tanh and count(tanh, nn.Tanh) == 1
+    for model in (conv, tanh):  # a tail 20x larger than initialised pushes the output far beyond 1
+        tail_conv = model.tail if isinstance(model.tail, nn.Conv2d) else model.tail[0]
+        tail_conv.weight.data *= 20
+    with torch.no_grad():
+        free, bounded = conv(x, alpha_bar), tanh(x, alpha_bar)
+    assert free.abs().max() > 2
+    assert bounded.abs().max() <= 1
+    # Same seed, same weights: the tanh tail is exactly the conv tail followed by tanh.
+    assert torch.allclose(bounded, torch.tanh(free), atol=1e-6)
+
+
+NORMS = {"batch": nn.BatchNorm2d, "group": nn.GroupNorm, "none": nn.Identity}
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+def test_norm_is_the_normalisation_of_every_block_and_attention(norm):
+    model = build(f"norm={norm}", "attention=(8,)")
+    owners = [m for m in model.modules() if isinstance(m, (ConvBlock, SelfAttention))]
+    assert len(owners) == CONV_BLOCKS + 4
+    assert all(type(m.norm) is NORMS[norm] for m in owners)
+    for kind in (nn.BatchNorm2d, nn.GroupNorm):
+        assert count(model, kind) == (len(owners) if kind is NORMS[norm] else 0)
+    if norm == "group":  # groups of at most 32, dividing the width
+        assert all(m.norm.num_groups == {16: 16, 32: 32}[m.norm.num_channels] for m in owners)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+def test_only_batch_norm_makes_an_image_depend_on_its_batch_in_training(norm):
+    model = build(f"norm={norm}").train()
+    x, alpha_bar = torch.randn(4, 3, 32, 32), torch.rand(4)
+    with torch.no_grad():
+        together = model(x, alpha_bar)[:2]
+        apart = model(x[:2], alpha_bar[:2])
+    assert torch.allclose(together, apart, atol=1e-5) == (norm != "batch")
 
 
 def test_batchnorm_statistics_at_sampling_time():
@@ -69,8 +213,7 @@ def test_batchnorm_statistics_at_sampling_time():
     x = torch.randn(8, 3, 32, 32) * 3 + 1
     outs = {}
     for stats in ("running", "batch"):
-        torch.manual_seed(0)
-        model = UNet(make_config("tiny", ["norm=batch", f"bn_sampling_stats={stats}"]))
+        model = build("norm=batch", f"bn_sampling_stats={stats}")
         with torch.no_grad():
             outs[stats] = model.sampling_mode()(x, torch.rand(8))
         assert not model.training or stats == "batch"

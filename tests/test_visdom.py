@@ -57,6 +57,7 @@ def fake_training(logger, first_step, last_step, batch=16, validate_every=4):
 
 # ---- the front-end files ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_front_end_files_are_the_ones_build_py_lists():
     import visdom
     from visdom.utils.shared_utils import get_visdom_path
@@ -82,6 +83,7 @@ def test_front_end_files_are_the_ones_build_py_lists():
         assert "2.11.1" in f.read(300)
 
 
+@pytest.mark.slow
 def test_front_end_install_is_idempotent_and_fast():
     start = time.time()
     result = run([sys.executable, "tools/visdom_assets.py"])
@@ -89,6 +91,7 @@ def test_front_end_install_is_idempotent_and_fast():
     assert time.time() - start < 10
 
 
+@pytest.mark.slow
 def test_a_failed_fetch_is_an_install_error(tmp_path):
     result = run([sys.executable, "tools/visdom_assets.py", "--static_dir", str(tmp_path), "--tries", "1"],
                  env={"NPM_CONFIG_REGISTRY": "http://127.0.0.1:9"})
@@ -154,6 +157,7 @@ def non_loopback_address():
     return None if address.startswith("127.") else address
 
 
+@pytest.mark.slow
 def test_start_visdom_listens_on_loopback_only_and_stays_up(tmp_path):
     from visdom_logger import server_answers
     from conftest import free_port
@@ -180,6 +184,7 @@ def test_start_visdom_listens_on_loopback_only_and_stays_up(tmp_path):
         os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_start_visdom_rejects_a_bad_port():
     result = run(["bash", "tools/start_visdom.sh", "80a"])
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
@@ -282,6 +287,7 @@ def test_a_hung_server_blocks_training_only_briefly(capfd):
     listener.close()
 
 
+@pytest.mark.slow
 def test_logging_resumes_after_the_server_is_killed_and_restarted(visdom_server_factory, capfd):
     env = "fake_run_restart"
     server = visdom_server_factory()
@@ -305,6 +311,7 @@ def test_logging_resumes_after_the_server_is_killed_and_restarted(visdom_server_
 
 # ---- with train.py --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_logs_every_record_to_visdom(visdom_trained_run):
     server, run_dir, name, result = visdom_trained_run
     train, validation = read_records(run_dir, "train"), read_records(run_dir, "validation")
@@ -325,6 +332,7 @@ def test_training_logs_every_record_to_visdom(visdom_trained_run):
     assert "&quot;batch_size&quot;: 4" in server.window(name, "config")["content"]
 
 
+@pytest.mark.slow
 def test_training_survives_the_server_being_killed_and_restarted(visdom_server_factory, visdom_train_command, tmp_path):
     server = visdom_server_factory()
     run_dir = tmp_path / "restarted_run"
@@ -378,6 +386,7 @@ def write_log(path, run="replayed_run", steps=30, validate_every=10):
     return records
 
 
+@pytest.mark.slow
 def test_plot_log_replays_a_run_into_visdom_and_png(visdom_server, tmp_path):
     log = tmp_path / "log.jsonl"
     records = write_log(log)
@@ -394,6 +403,7 @@ def test_plot_log_replays_a_run_into_visdom_and_png(visdom_server, tmp_path):
     assert "&quot;batch_size&quot;: 16" in visdom_server.window("replayed_run", "config")["content"]
 
 
+@pytest.mark.slow
 def test_plot_log_replay_needs_a_server_when_a_port_is_named(tmp_path):
     from conftest import free_port
     log = tmp_path / "log.jsonl"

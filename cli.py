@@ -1,0 +1,136 @@
+"""What every script shares: the one error type for a user's mistake, the wrapper that prints it
+as one line and exits 2, flag checks, the device picker, and the atomic file write.
+
+    from cli import ArgumentParser, UserError, atomic_write, pick_device, positive_int, run_main
+
+    if __name__ == "__main__":
+        run_main(main)          # error: <one line>, exit status 2, no traceback
+"""
+import argparse
+import contextlib
+import os
+import sys
+
+
+class UserError(Exception):
+    """A user's mistake (a flag, a file, a folder): printed as one line, exit status 2.
+    ConfigError (config.py) and DatasetError (dataset.py) are kinds of it."""
+
+
+def run_main(main, argv=None):
+    """Run a script's main(argv); a UserError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (a UserError) instead of the usage block."""
+
+    def __init__(self, description=None, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=description, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+# ---- flag checks: argparse types that name the bad value; argparse adds the flag's name --------
+
+def _number(kind, low, inclusive, what):
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or (value < low if inclusive else value <= low):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} must be {what}")
+        return value
+    return check
+
+
+positive_int = _number(int, 0, False, "at least 1")
+non_negative_int = _number(int, 0, True, "0 or more")
+positive_float = _number(float, 0, False, "positive")
+non_negative_float = _number(float, 0, True, "0 or more")
+
+
+def parse_bool(text):
+    """argparse type for True/False flags: the seed's type=bool turned every non-empty string,
+    "False" included, into True."""
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "y", "on"):
+        return True
+    if value in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False (or 1/0), got {text!r}")
+
+
+def port(text):
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1 to 65535)")
+    return value
+
+
+def make_folder(path, flag):
+    """Create a folder (and its parents) that the script will write into; a one-line UserError
+    naming the flag and the path when it cannot be created or written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create this folder ({e.strerror or e}); "
+                        f"pass a folder you can write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: this folder is not writable; pass a folder you can write to")
+    return path
+
+
+# ---- the device ----------------------------------------------------------------------------------
+
+def pick_device(name, local_rank=0):
+    """--device auto | cuda | cuda:N | cpu | mps as a torch.device; under torchrun, `cuda` is the
+    process's own GPU (LOCAL_RANK)."""
+    import torch
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu (or auto)")
+        index = local_rank if name == "cuda" else int(name[5:]) if name[5:].isdigit() else -1
+        if not 0 <= index < torch.cuda.device_count():
+            raise UserError(f"--device {name}: this process wants GPU {index} but {torch.cuda.device_count()} "
+                            f"are visible; lower torchrun's --nproc_per_node or pick another GPU")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available; use --device cpu (or auto)")
+    if name not in ("cpu", "mps"):
+        raise UserError(f"--device {name}: choose auto, cuda, cpu or mps")
+    return torch.device(name)
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", fsync=False):
+    """Open a temporary file beside `path` for writing; when the block ends without an error it
+    replaces `path` in one rename, so a killed run leaves either the old file or the new one, never
+    half of one. The temporary name starts with a dot and ends in .tmp, so no loader lists it.
+    fsync: flush it to the disk first (checkpoints), so a power cut cannot leave an empty file."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
