@@ -69,6 +69,19 @@ CHOICES = {
     "sampling_schedule": ("linear", "cosine"),
 }
 
+# Numeric fields: (lowest, highest, whether the bounds themselves are allowed).
+RANGES = {
+    "dropout": (0.0, 1.0, "[)"),
+    "learning_rate": (0.0, None, "()"),
+    "weight_decay": (0.0, None, "[)"),
+    "batch_size": (1, None, "[)"),
+    "ema_decay": (0.0, 1.0, "[)"),
+    "warmup_steps": (0, None, "[)"),
+    "grad_clip": (0.0, None, "[)"),
+    "sampling_steps": (1, None, "[)"),
+    "eta": (0.0, None, "[)"),
+}
+
 PRESETS = {
     # Exactly the seed: 138,624,003 parameters, not told the noise level, Adam at 1e-5, batch 230.
     "seed": {},
@@ -134,7 +147,16 @@ def parse_value(key, text):
         raise ConfigError(f"--set {key}={text}: expected a {kind.__name__}") from None
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"--set {key}={text}: choose one of {', '.join(CHOICES[key])}")
+    if key in RANGES and not in_range(value, *RANGES[key]):
+        low, high, bounds = RANGES[key]
+        raise ConfigError(f"--set {key}={text}: must be in {bounds[0]}{low}, {'inf' if high is None else high}{bounds[1]}")
     return value
+
+
+def in_range(value, low, high, bounds):
+    above = value >= low if bounds[0] == "[" else value > low
+    below = high is None or (value <= high if bounds[1] == "]" else value < high)
+    return above and below  # False for NaN
 
 
 def config_to_dict(config):

@@ -71,7 +71,9 @@ def parse_args(argv=None):
                         help="held-out real images; the same metrics on them against --reference_dir are the floor")
     parser.add_argument("--num_samples", type=positive_int, default=10_000,
                         help="images to generate with --checkpoint (at most the size of the test set is used)")
-    parser.add_argument("--output_json", help="also write every number, the sampler and the checkpoint's config here")
+    parser.add_argument("--output_json",
+                        help="also write every number, the sampler, and the configuration the samples were drawn "
+                             "with (the checkpoint's, with the sampler flags applied) here")
     parser.add_argument("--inception_weights", default=os.path.join("models", INCEPTION_FILE),
                         help="FID Inception weights (state dict); FID and KID are skipped when missing")
     parser.add_argument("--no_download", action="store_true",

@@ -85,6 +85,8 @@ def main(argv=None):
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{args.log} is not a JSON-lines log ({exc})") from None
     png = args.png or os.path.join(os.path.dirname(args.log), "loss_curve.png")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(png))):
+        raise UserError(f"--png {png}: its folder does not exist; create it or pass another --png")
     draw_loss_curve(records, png)
     print(f"wrote {png}")
     if not args.no_visdom:

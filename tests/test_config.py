@@ -26,10 +26,20 @@ def test_set_parses_each_type():
     ("hflip=maybe", "expected a bool"),
     ("channels=(8,-1)", "expected a tuple"),
     ("norm", "is not KEY=VALUE"),
+    ("batch_size=0", r"batch_size=0: must be in \[1, inf\)"),
+    ("learning_rate=0", r"learning_rate=0: must be in \(0.0, inf\)"),
+    ("dropout=1", r"dropout=1: must be in \[0.0, 1.0\)"),
+    ("ema_decay=nan", r"ema_decay=nan: must be in \[0.0, 1.0\)"),
+    ("sampling_steps=-5", r"sampling_steps=-5: must be in \[1, inf\)"),
 ])
 def test_bad_set_is_an_error(item, message):
     with pytest.raises(ConfigError, match=message):
         make_config("tiny", [item])
+
+
+def test_the_bounds_themselves_where_allowed():
+    c = make_config("tiny", ["dropout=0", "ema_decay=0", "batch_size=1", "warmup_steps=0", "eta=0", "grad_clip=0"])
+    assert (c.dropout, c.ema_decay, c.batch_size) == (0.0, 0.0, 1)
 
 
 def test_unknown_preset():

@@ -410,7 +410,21 @@ def test_plot_log_replay_needs_a_server_when_a_port_is_named(tmp_path):
     write_log(log)
     port = free_port()
     result = run([sys.executable, "plot_log.py", str(log), "--visdom_port", str(port)])
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: no visdom server answers on port {port}: start one with: bash tools/start_visdom.sh {port}"]
     assert (tmp_path / "loss_curve.png").exists()  # the PNG is written all the same
+
+
+def test_plot_log_bad_paths_are_one_line_errors(tmp_path):
+    import plot_log
+    from cli import UserError
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"kind": "train", "step": 1, "images_seen": 16, "train_loss": 1.0, "lr": 0.001, "img_per_s": 9}\n')
+    with pytest.raises(UserError, match=f"--png {tmp_path / 'none' / 'curve.png'}: its folder does not exist"):
+        plot_log.main([str(log), "--png", str(tmp_path / "none" / "curve.png"), "--no_visdom"])
+    with pytest.raises(UserError, match=f"{tmp_path / 'missing.jsonl'} does not exist"):
+        plot_log.main([str(tmp_path / "missing.jsonl"), "--no_visdom"])
+    with pytest.raises(UserError, match="argument --visdom_port: 0 must be at least 1"):
+        plot_log.main([str(log), "--visdom_port", "0"])
+    assert os.listdir(tmp_path) == ["log.jsonl"]

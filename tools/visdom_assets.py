@@ -16,7 +16,6 @@ install fails here instead of in the browser. It also mends one line of visdom's
 tornado >= 6.6 refuses (see INDEX_OLD). The registry can be changed with NPM_CONFIG_REGISTRY
 (npm's own variable), for a mirror.
 """
-import argparse
 import base64
 import concurrent.futures
 import hashlib
@@ -28,6 +27,10 @@ import sys
 import tarfile
 import time
 import urllib.request
+
+# Run as `python tools/visdom_assets.py`, only tools/ is on the path: the shared modules are at the root.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import ArgumentParser, atomic_write, positive_int, run_main  # noqa: E402
 
 # name, version, npm dist.integrity, {path in the package: path under static/}.
 # The right-hand names are build.py's; `fonts/classnames` is what unpkg serves for a bare
@@ -133,9 +136,8 @@ def patch_index(static_dir):
         page = f.read()
     if INDEX_OLD in page:
         page = page.replace(INDEX_OLD, INDEX_NEW)
-        with open(path + ".part", "w") as f:
+        with atomic_write(path, "w") as f:
             f.write(page)
-        os.replace(path + ".part", path)
     return INDEX_OLD not in page
 
 
@@ -247,10 +249,8 @@ def install(static_dir, visdom_version, package_dir, registry, tries=3):
     for path, content in sorted(files.items()):
         full = os.path.join(static_dir, path)
         os.makedirs(os.path.dirname(full), exist_ok=True)
-        tmp = full + ".part"
-        with open(tmp, "wb") as f:
+        with atomic_write(full) as f:
             f.write(content)
-        os.replace(tmp, full)
         manifest[path] = [len(content), hashlib.sha256(content).hexdigest()]
     with open(os.path.join(static_dir, MANIFEST), "w") as f:
         json.dump({"spec": spec_hash(), "files": manifest}, f, indent=0)
@@ -290,13 +290,13 @@ def visdom_static_and_version():
     return package, version
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="only verify the installed files")
     parser.add_argument("--static_dir", default=None,
                         help="install here instead of visdom's static folder (for tests)")
-    parser.add_argument("--tries", type=int, default=3, help="attempts per download")
-    args = parser.parse_args()
+    parser.add_argument("--tries", type=positive_int, default=3, help="attempts per download")
+    args = parser.parse_args(argv)
     registry = os.environ.get("NPM_CONFIG_REGISTRY", "https://registry.npmjs.org").rstrip("/")
     try:
         package_dir, version = visdom_static_and_version()
@@ -310,7 +310,7 @@ def main():
             return 1
         print(f"visdom_assets: installing visdom's front-end files from {registry} ({reason})")
         os.makedirs(static_dir, exist_ok=True)
-        count, size = install(static_dir, version, package_dir, registry, max(1, args.tries))
+        count, size = install(static_dir, version, package_dir, registry, args.tries)
         print(f"visdom_assets: installed {count} files ({size / 1e6:.1f} MB) into {static_dir}")
         return 0
     except Exception as exc:
@@ -319,4 +319,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
