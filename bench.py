@@ -26,7 +26,7 @@ from cli import ArgumentParser, UserError, atomic_write, make_folder, positive_i
 from config import make_config
 from diffusion import sample_alpha_bar, training_loss
 from generate import generate_images
-from train import make_ema, make_optimizer, make_train_step
+from train import make_ema, make_optimizer, make_train_step, set_precision
 from unet import UNet
 
 
@@ -182,7 +182,7 @@ def profile(fn, path, steps=5):
     for e in kernels:
         kind = kernel_kind(e.key)
         kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
-    with open(path, "w") as f:
+    with atomic_write(path, "w") as f:
         f.write(f"GPU time per call: {total / steps / 1e3:.2f} ms\n\nby kind:\n")
         for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
             f.write(f"  {kind:<40} {100 * us / total:5.1f}%  {us / steps / 1e3:7.2f} ms\n")
@@ -246,9 +246,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise UserError("bench.py measures a CUDA GPU and none is visible")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    set_precision("bf16", torch.device("cuda"))  # train.py's: TF32 and cuDNN's autotuner
     make_folder(args.out, "--out")
     card = torch.cuda.get_device_name()
     print(f"{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)

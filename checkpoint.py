@@ -58,7 +58,13 @@ class TrainingState:
         self.best_validation_loss = checkpoint["best_validation_loss"]
         rng = checkpoint["rng"]
         torch.set_rng_state(rng["torch"])
-        self.noise_generator.set_state(rng["noise"])
+        try:
+            self.noise_generator.set_state(rng["noise"])
+        except RuntimeError:  # a CUDA generator's state does not fit a CPU generator, and back
+            trained_on = "a CUDA GPU" if rng.get("cuda") is not None else "the CPU"
+            raise UserError(f"this checkpoint was trained on {trained_on} and its random state does not fit "
+                            f"--device {self.noise_generator.device.type}: resume it on {trained_on}, or pass "
+                            f"--fresh (generate.py samples from it anywhere)") from None
         if rng.get("cuda") is not None and self.noise_generator.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.noise_generator.device)
 
@@ -79,8 +85,9 @@ def write(path, checkpoint):
     try:
         with atomic_write(path, fsync=True) as f:
             torch.save(checkpoint, f)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}); free some disk space or "
+    except (OSError, RuntimeError) as e:  # torch's writer may report a full disk as a RuntimeError
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: cannot write the checkpoint ({reason}); free some disk space or "
                         f"pass another --model_checkpoint_dir") from None
 
 

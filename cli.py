@@ -8,6 +8,7 @@ as one line and exits 2, flag checks, the device picker, and the atomic file wri
 """
 import argparse
 import contextlib
+import math
 import os
 import sys
 
@@ -46,7 +47,7 @@ def _number(kind, low, inclusive, what):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if value != value or (value < low if inclusive else value <= low):  # NaN fails too
+        if not math.isfinite(value) or (value < low if inclusive else value <= low):
             raise argparse.ArgumentTypeError(f"{text} must be {what}")
         return value
     return check
@@ -56,6 +57,14 @@ positive_int = _number(int, 0, False, "at least 1")
 non_negative_int = _number(int, 0, True, "0 or more")
 positive_float = _number(float, 0, False, "positive")
 non_negative_float = _number(float, 0, True, "0 or more")
+
+
+def random_seed(text):
+    """A random seed: 0 to 2**32 - 1."""
+    value = non_negative_int(text)
+    if value >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"{text} must be below 2**32")
+    return value
 
 
 def parse_bool(text):
@@ -89,6 +98,19 @@ def make_folder(path, flag):
     return path
 
 
+def output_file(path, flag):
+    """Check, before any work, that a file can be written at `path`; a one-line UserError naming
+    the flag and the path otherwise."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: its folder does not exist; create it or pass another {flag}")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder; pass a file name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: its folder is not writable; pass another {flag}")
+    return path
+
+
 # ---- the device ----------------------------------------------------------------------------------
 
 def pick_device(name, local_rank=0):
@@ -100,8 +122,10 @@ def pick_device(name, local_rank=0):
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu (or auto)")
-        index = local_rank if name == "cuda" else int(name[5:]) if name[5:].isdigit() else -1
-        if not 0 <= index < torch.cuda.device_count():
+        if name != "cuda" and not name[5:].isdigit():
+            raise UserError(f"--device {name}: write a GPU as cuda or cuda:N, N from 0")
+        index = local_rank if name == "cuda" else int(name[5:])
+        if index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: this process wants GPU {index} but {torch.cuda.device_count()} "
                             f"are visible; lower torchrun's --nproc_per_node or pick another GPU")
         torch.cuda.set_device(index)
@@ -109,7 +133,7 @@ def pick_device(name, local_rank=0):
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available; use --device cpu (or auto)")
     if name not in ("cpu", "mps"):
-        raise UserError(f"--device {name}: choose auto, cuda, cpu or mps")
+        raise UserError(f"--device {name}: choose auto, cuda, cuda:N, cpu or mps")
     return torch.device(name)
 
 

@@ -131,11 +131,13 @@ def make_scheduler(config):
     elif config.sampler == "ddim":
         # "linspace" runs from t = 999, the noisiest level (Lin et al. 2024, sec. 3.3), down to t = 0.
         scheduler = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="linspace")
-    else:
-        # dpm. Steps uniform in log-SNR, as the DPM-Solver papers recommend (Lu et al. 2022, sec. 3.3):
-        # uniform steps in t leave too few steps at low noise, and the samples come out too smooth.
+    elif config.sampler == "dpm":
+        # Steps uniform in log-SNR, as the DPM-Solver papers recommend (Lu et al. 2022, sec. 3.3): uniform
+        # steps in t leave too few steps at low noise, and the samples come out too smooth.
         scheduler = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
                                                 use_lu_lambdas=True, final_sigmas_type="zero")
+    else:
+        raise ValueError(f"unknown sampler {config.sampler!r}: choose ddpm, ddim or dpm")
     scheduler.set_timesteps(config.sampling_steps)
     return scheduler
 

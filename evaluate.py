@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, atomic_write, pick_device, positive_int, run_main
+from cli import ArgumentParser, UserError, atomic_write, output_file, pick_device, positive_int, run_main
+from config import config_to_dict
 from dataset import DatasetError, load_image_folder
 from diffusion import sampler_settings
 from generate import add_sampler_arguments, generate_images, load_model
@@ -88,10 +89,10 @@ def run(args):
         raise UserError(f"--num_samples {args.num_samples}: need at least 2 images")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise UserError(f"--checkpoint {args.checkpoint}: no such file")
-    if args.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
-        raise UserError(f"--output_json {args.output_json}: its folder does not exist")
+    if args.output_json:
+        output_file(args.output_json, "--output_json")
     device = pick_device(args.device)
-    seed = 0 if args.seed is None else args.seed
+    seed = args.seed
     notes = []
     inception_path = find_inception_weights(args.inception_weights, download=not args.no_download)
     inception = load_inception(inception_path, device) if inception_path else None
@@ -116,7 +117,7 @@ def run(args):
         report["samples"] = {"checkpoint": args.checkpoint, "images": n}
         report["sampler"] = {**sampler_settings(config), "seed": args.seed, "batch_size": args.batch_size,
                              "ema": not args.no_ema}
-        report["config"] = config_as_dict(config)
+        report["config"] = config_to_dict(config)
     else:
         samples = load_folder(args.image_dir, "--image_dir", args.skip_bad_images)
         report["samples"] = {"dir": args.image_dir, "images": len(samples)}
@@ -479,11 +480,6 @@ def random_subset(images, n, generator):
     if n >= len(images):
         return images
     return images[torch.randperm(len(images), generator=generator)[:n]]
-
-
-def config_as_dict(config):
-    import dataclasses
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
 ROWS = [  # key, label, format

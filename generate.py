@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_for_sampling
-from cli import ArgumentParser, UserError, atomic_write, make_folder, non_negative_float, non_negative_int, \
-    parse_bool, pick_device, positive_int, run_main
+from cli import ArgumentParser, UserError, atomic_write, make_folder, non_negative_float, parse_bool, pick_device, \
+    positive_int, random_seed, run_main
 from config import CHOICES
 from dataset import to_uint8
 from diffusion import sample, sampler_name
@@ -30,12 +30,12 @@ def add_sampler_arguments(parser):
                         help="DDIM's eta (0: deterministic, 1: like DDPM); default: the checkpoint's")
     parser.add_argument("--clamp", type=parse_bool, default=None, metavar="on|off",
                         help="clamp the predicted x0 at each step; default: the checkpoint's")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="same seed and --batch_size, same images")
+    parser.add_argument("--seed", type=random_seed, default=0, help="same seed and --batch_size, same images")
     parser.add_argument("--batch_size", type=positive_int, default=1000, help="images sampled at once")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help=f"torch.compile the network (auto: on CUDA for {COMPILE_FROM:,} images or more)")
     parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their EMA")
-    parser.add_argument("--device", default="auto", help="auto | cuda | cpu | mps")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu | mps")
 
 
 def load_model(args, device):

@@ -10,7 +10,7 @@ have, drawn whole, so it also mends an env that missed points while no server wa
 import json
 import os
 
-from cli import ArgumentParser, UserError, atomic_write, port, run_main
+from cli import ArgumentParser, UserError, atomic_write, output_file, port, run_main
 
 
 def read_log(path):
@@ -85,8 +85,7 @@ def main(argv=None):
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{args.log} is not a JSON-lines log ({exc})") from None
     png = args.png or os.path.join(os.path.dirname(args.log), "loss_curve.png")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(png))):
-        raise UserError(f"--png {png}: its folder does not exist; create it or pass another --png")
+    output_file(png, "--png")
     draw_loss_curve(records, png)
     print(f"wrote {png}")
     if not args.no_visdom:

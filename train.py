@@ -26,7 +26,7 @@ from tqdm import tqdm
 import checkpoint
 from checkpoint import TrainingState
 from cli import (ArgumentParser, UserError, atomic_write, make_folder, non_negative_float, non_negative_int,
-                 pick_device, port, positive_float, positive_int, run_main)
+                 pick_device, port, positive_float, positive_int, random_seed, run_main)
 from config import PRESETS, config_text, config_to_dict, make_config
 from dataset import augment, load_image_folder, normalise, to_uint8
 from diffusion import sample, sample_alpha_bar, training_loss, validation_loss
@@ -53,8 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=non_negative_int, default=0, help="stop after this many optimiser steps (0: no limit)")
     p.add_argument("--max_minutes", type=non_negative_float, default=0,
                    help="stop after this many minutes of training (0: no limit)")
-    p.add_argument("--device", default="auto", help="auto | cuda | cpu | mps")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu | mps (under torchrun: cuda, each process its own GPU)")
+    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
     p.add_argument("--no_visdom", action="store_true", help="no live plots")
     p.add_argument("--visdom_port", type=port, default=8097)
@@ -125,6 +125,9 @@ def start_processes(device_name):
     ddp = "RANK" in os.environ  # launched by torchrun
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = pick_device(device_name, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    if ddp and device.type == "cuda" and device.index != int(os.environ.get("LOCAL_RANK", 0)):
+        raise UserError(f"--device {device_name}: under torchrun each process uses the GPU of its local rank; "
+                        f"pass --device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Processes(device, ddp, rank, world_size)
@@ -132,7 +135,8 @@ def start_processes(device_name):
 
 def configure(args, argv, latest_path, procs):
     """(configuration, checkpoint to resume from or None). A run folder that holds a checkpoint
-    continues with the checkpoint's configuration; asking for a different one is refused."""
+    continues with the checkpoint's configuration and preset name; asking for a different
+    configuration is refused."""
     overrides = list(args.set)
     if args.learning_rate is not None:
         overrides.append(f"learning_rate={args.learning_rate}")
@@ -148,7 +152,7 @@ def configure(args, argv, latest_path, procs):
             differ = [k for k, v in config_to_dict(config).items() if config_to_dict(saved)[k] != v]
             raise UserError(f"{latest_path} was trained with a different configuration ({', '.join(differ)}): "
                             f"pass --fresh to start over, or use another --model_checkpoint_dir")
-        config = saved
+        config, args.preset = saved, resume_from.get("preset", args.preset)
     if config.batch_size % procs.world_size:
         raise UserError(f"--batch_size {config.batch_size} is not divisible by the {procs.world_size} processes")
     return config, resume_from
@@ -444,10 +448,10 @@ def evaluate_loss(model, x0, eps, alpha_bar, config, autocast_dtype, batch_size=
 
 
 def preview_samples(ema, config, device, n=16):
-    was_training = ema.training
-    images = to_uint8(sample(ema.sampling_mode(), config, n, generator=torch.Generator().manual_seed(0), device=device), config)
-    ema.train(was_training)
-    return images.cpu()
+    """Samples for visdom, from a copy: sampling_mode with bn_sampling_stats=batch drops the
+    BatchNorm running statistics, which training and the checkpoint still need."""
+    sampler = copy.deepcopy(ema).sampling_mode()
+    return to_uint8(sample(sampler, config, n, generator=torch.Generator().manual_seed(0), device=device), config).cpu()
 
 
 # ---- small helpers -------------------------------------------------------------------------------------

@@ -143,3 +143,12 @@ def test_a_checkpoint_cannot_run_code(tmp_path):
     with pytest.raises(UserError, match="cannot read this checkpoint"):
         checkpoint.read(tmp_path / "evil.pth")
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_random_state_from_another_kind_of_device_is_a_one_line_error(tmp_path):
+    config, state = tiny_state()
+    saved = state.to_checkpoint(config, "tiny")
+    saved["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)  # not a CPU generator's state (as a CUDA one)
+    saved["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(UserError, match="trained on a CUDA GPU and its random state does not fit --device cpu"):
+        state.restore(saved)

@@ -52,6 +52,9 @@ def test_flag_types_accept(kind, text, expected):
     (cli.positive_float, "nan", "argument --value: nan must be positive (see --help)"),
     (cli.non_negative_float, "x", "argument --value: 'x' is not a number (see --help)"),
     (cli.port, "65536", "argument --value: 65536 is not a TCP port (1 to 65535) (see --help)"),
+    (cli.positive_float, "inf", "argument --value: inf must be positive (see --help)"),
+    (cli.random_seed, str(2 ** 32), f"argument --value: {2 ** 32} must be below 2**32 (see --help)"),
+    (cli.random_seed, "-1", "argument --value: -1 must be 0 or more (see --help)"),
     (cli.parse_bool, "maybe", "argument --value: expected True or False (or 1/0), got 'maybe' (see --help)"),
 ])
 def test_flag_types_refuse_in_one_line(kind, text, message):
@@ -69,11 +72,19 @@ def test_make_folder_names_the_flag_and_path(tmp_path):
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_output_file_is_checked_before_any_work(tmp_path):
+    assert cli.output_file(str(tmp_path / "out.json"), "--output_json") == str(tmp_path / "out.json")
+    with pytest.raises(UserError, match=f"--output_json {tmp_path / 'no' / 'out.json'}: its folder does not exist"):
+        cli.output_file(str(tmp_path / "no" / "out.json"), "--output_json")
+    with pytest.raises(UserError, match=f"--output_json {tmp_path}: is a folder"):
+        cli.output_file(str(tmp_path), "--output_json")
+
+
 def test_pick_device():
     import torch
     assert cli.pick_device("cpu") == torch.device("cpu")
     assert cli.pick_device("auto").type in ("cuda", "mps", "cpu")
-    with pytest.raises(UserError, match="--device tpu: choose auto, cuda, cpu or mps"):
+    with pytest.raises(UserError, match="--device tpu: choose auto, cuda, cuda:N, cpu or mps"):
         cli.pick_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda: no CUDA GPU is visible"):

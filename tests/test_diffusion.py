@@ -171,3 +171,9 @@ def test_sample_follows_the_sampling_schedule():
     assert seen["cosine"] == pytest.approx(cosine_alpha_bar((timesteps.double() + 1) / 1000).tolist(), rel=1e-5, abs=1e-8)
     assert seen["linear"] == pytest.approx(linear_alpha_bar()[timesteps].tolist(), rel=1e-5)
     assert not torch.allclose(outputs["linear"], outputs["cosine"])
+
+
+def test_an_unknown_sampler_is_refused_not_replaced():
+    # config_from_dict and dataclasses.replace skip config.py's checks; the scheduler is the last gate.
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        make_scheduler(dataclasses.replace(make_config("tiny"), sampler="euler"))

@@ -267,3 +267,28 @@ def test_a_checkpoint_folder_that_cannot_be_created_is_a_one_line_error(data, tm
     line = one_line_error(result)
     assert line.startswith(f"error: --model_checkpoint_dir {tmp_path / 'a_file' / 'run'}: cannot create this folder"), line
     assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_a_sample_preview_leaves_the_batchnorm_statistics_in_place():
+    # bn_sampling_stats=batch samples with the batch's statistics; the EMA that training goes on
+    # with, and that the checkpoint saves, must keep its running ones.
+    from config import make_config
+    from train import preview_samples
+    from unet import UNet
+    config = make_config("tiny", ["norm=batch", "bn_sampling_stats=batch", "sampling_steps=2"])
+    ema = UNet(config)
+    keys = set(ema.state_dict())
+    assert preview_samples(ema, config, "cpu", n=2).shape == (2, 3, 32, 32)
+    assert set(ema.state_dict()) == keys and ema.training
+
+
+def test_a_resumed_run_keeps_the_preset_it_was_started_with(tmp_path):
+    import checkpoint
+    from test_checkpoint import tiny_state
+    from train import Processes, configure, parse_args
+    config, state = tiny_state()
+    checkpoint.write(tmp_path / "latest_model.pth", state.to_checkpoint(config, "tiny"))
+    argv = ["--model_checkpoint_dir", str(tmp_path)]  # no --preset: args.preset is the default's name
+    args = parse_args(argv)
+    resumed_config, resume_from = configure(args, argv, str(tmp_path / "latest_model.pth"), Processes("cpu"))
+    assert (resumed_config, args.preset, resume_from["step"]) == (config, "tiny", 7)

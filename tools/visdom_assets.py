@@ -252,14 +252,14 @@ def install(static_dir, visdom_version, package_dir, registry, tries=3):
         with atomic_write(full) as f:
             f.write(content)
         manifest[path] = [len(content), hashlib.sha256(content).hexdigest()]
-    with open(os.path.join(static_dir, MANIFEST), "w") as f:
+    with atomic_write(os.path.join(static_dir, MANIFEST), "w") as f:
         json.dump({"spec": spec_hash(), "files": manifest}, f, indent=0)
     if not patch_index(static_dir):
         raise RuntimeError("could not fix index.html")
     reason = verify_files_only(static_dir, manifest, package_dir)
     if reason:
         raise RuntimeError(reason)
-    with open(os.path.join(static_dir, "version.built"), "w") as f:
+    with atomic_write(os.path.join(static_dir, "version.built"), "w") as f:
         f.write(visdom_version)
     return len(manifest), sum(size for size, _ in manifest.values())
 
