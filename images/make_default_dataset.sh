@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the default data set: DiceBear `adventurer` avatars at 32x32 (see images/avatars.py).
 # Train uses seeds 0.., test seeds 1000000.., so the two sets never share an avatar.
-# Resumable: a rerun only renders the files that are missing. While a folder is being built it
-# holds a file .building, so train_UNet.sh knows to finish an interrupted build.
+# Each folder also gets labels.csv, the DiceBear attributes of every image (see avatars.py).
+# Resumable: a rerun only renders the files that are missing, and adds labels.csv to a folder built
+# before labels existed. While a folder is being built it holds a file .building, so train_UNet.sh
+# knows to finish an interrupted build.
 #   bash images/make_default_dataset.sh
 #   NUM_TRAIN=1000 NUM_TEST=100 bash images/make_default_dataset.sh --num_workers 4
 set -euo pipefail

@@ -1,7 +1,9 @@
 """Tests for evaluate.py: each metric on cases with a known answer, then the command line.
 
 The images are small synthetic "avatars" (discs and boxes on white), so every test runs on a CPU in
-seconds; the FID path runs a randomly initialised Inception network on five images per set.
+seconds; the FID path runs a randomly initialised Inception network on five images per set, and the
+attribute metrics a randomly initialised attribute network. One test reads real avatars with the
+committed attribute network, and is skipped where models/attribute_net.pt is missing.
 """
 import json
 import math
@@ -19,7 +21,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import attribute_net  # noqa: E402
 import evaluate  # noqa: E402
+import testkit  # noqa: E402
 
 
 def synthetic_images(n, seed):
@@ -179,6 +183,178 @@ def test_kernel_inception_distance_is_zero_for_one_distribution_and_large_otherw
     assert evaluate.kernel_inception_distance(a, b, subsets=20, subset_size=200) == (same_mean, same_std)
 
 
+# ---- the attribute network's metrics: total variation, mutual information, confidence ----------
+
+def test_label_histogram_and_total_variation():
+    histogram = evaluate.label_histogram(torch.tensor([0, 0, 1, 3]), 4)
+    assert histogram.tolist() == [0.5, 0.25, 0.0, 0.25]
+    uniform = torch.full((4,), 0.25, dtype=torch.float64)
+    # 0.5 |0.5 - 0.25| + 0.5 |0 - 0.25| = 0.25: a quarter of the mass moves from class 0 to class 2
+    assert evaluate.total_variation(histogram, uniform) == pytest.approx(0.25)
+    assert evaluate.total_variation(uniform, histogram) == pytest.approx(0.25)
+    assert evaluate.total_variation(uniform, uniform) == 0.0
+    disjoint = torch.tensor([0.0, 0.0, 0.5, 0.5], dtype=torch.float64)
+    assert evaluate.total_variation(torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64), disjoint) == 1.0
+
+
+def test_mutual_information_hand_computed():
+    a = torch.arange(1200) % 4
+    independent = (torch.arange(1200) // 4) % 3  # every (a, b) pair equally often
+    assert evaluate.mutual_information(a, independent, 4, 3) == pytest.approx(0.0, abs=1e-12)
+    assert evaluate.mutual_information(a, a, 4, 4) == pytest.approx(math.log(4))  # b determines a: H(A)
+    assert evaluate.mutual_information(a, a % 2, 4, 2) == pytest.approx(math.log(2))  # H(B)
+    # p(a, b) = [[1/2, 0], [1/4, 1/4]]: p(a) = (1/2, 1/2), p(b) = (3/4, 1/4)
+    a, b = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 0, 1])
+    closed = (0.5 * math.log(0.5 / (0.5 * 0.75)) + 0.25 * math.log(0.25 / (0.5 * 0.75))
+              + 0.25 * math.log(0.25 / (0.5 * 0.25)))
+    assert evaluate.mutual_information(a, b, 2, 2) == pytest.approx(closed)
+    assert evaluate.mutual_information(a, b, 2, 5) == pytest.approx(closed)  # classes never seen add nothing
+    # independent random labels: the plug-in estimate is about (K_a - 1)(K_b - 1) / 2N above 0,
+    # which is why the floor is measured at the same N
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 10, (2000,), generator=g), torch.randint(0, 10, (2000,), generator=g)
+    assert 0.6 * 81 / 4000 < evaluate.mutual_information(a, b, 10, 10) < 1.5 * 81 / 4000
+
+
+def one_hot_readings(labels, classes, generator):
+    """(random features, one-hot probabilities) as attribute_readings returns them, for given labels."""
+    n = len(next(iter(labels.values())))
+    return (torch.randn(n, 4, generator=generator, dtype=torch.float64),
+            {head: torch.nn.functional.one_hot(labels[head], len(classes[head])).double() for head in classes})
+
+
+def test_the_most_raised_pair_is_measured_in_units_of_its_noise():
+    g = torch.Generator().manual_seed(0)
+    classes = {"glasses": ["none", "present"], "earrings": ["none", "present"],
+               "hair": [str(i) for i in range(40)], "mouth": [str(i) for i in range(40)]}
+    n = 2000
+
+    def labels(tied):
+        drawn = {head: torch.randint(0, len(values), (n,), generator=g) for head, values in classes.items()}
+        if tied:  # earrings copy glasses; mouth copies hair in half of the images
+            drawn["earrings"] = drawn["glasses"]
+            drawn["mouth"] = torch.where(torch.arange(n) % 2 == 0, drawn["hair"], drawn["mouth"])
+        return drawn
+
+    readings = {name: one_hot_readings(labels(name == "samples"), classes, g)
+                for name in ("samples", "test", "reference")}
+    result = evaluate.attribute_scores(readings, list(classes), classes)
+    mi = result["mi"]
+    assert mi["glasses,earrings"]["samples"] == pytest.approx(math.log(2), abs=0.01)
+    raised = {pair: v["samples"] - v["floor"] for pair, v in mi.items()}
+    # hair x mouth gained more nats, but 39 x 39 degrees of freedom make its estimate far noisier
+    assert raised["hair,mouth"] > raised["glasses,earrings"] + 0.4
+    assert result["mi_top_pair"] == "glasses,earrings"
+    assert result["metrics"]["attribute_mi_top_pair"] == mi["glasses,earrings"]
+    assert result["metrics"]["attribute_mi_max"]["samples"] == mi["hair,mouth"]["samples"]
+    assert evaluate.mi_excess({"samples": 0.7, "floor": 0.1}, 40, 40) == pytest.approx(0.6 / 39)
+
+
+def two_class_probabilities(confidences):
+    confidences = torch.tensor(confidences, dtype=torch.float64)
+    return torch.stack([confidences, 1 - confidences], dim=1)
+
+
+def test_confidence_thresholds_and_confident_share():
+    # 101 confidences 0.5, 0.505, ..., 1.0: the 5th percentile is the 6th smallest, 0.525
+    reference = {"glasses": two_class_probabilities([0.5 + 0.005 * i for i in range(101)]),
+                 "mouth": two_class_probabilities([0.5 + 0.005 * i for i in range(101)]).flip(1)}
+    thresholds = evaluate.confidence_thresholds(reference)
+    assert thresholds == pytest.approx({"glasses": 0.525, "mouth": 0.525})
+    samples = {"glasses": two_class_probabilities([0.52, 0.525, 0.9, 0.99]),
+               "mouth": two_class_probabilities([0.99, 0.99, 0.6, 0.51]).flip(1)}  # the largest probability counts
+    # pass glasses: F T T T; pass mouth: T T T F; both: only the 2nd and 3rd
+    assert evaluate.confident_share(samples, thresholds) == 0.5
+    assert evaluate.confident_share(samples, {"glasses": thresholds["glasses"]}) == 0.75
+    assert evaluate.confident_share(reference, thresholds) == pytest.approx(96 / 101)
+
+
+CLASSES = {"skin_color": ["a", "b", "c", "d"], "hair_color": ["a", "b", "c", "d", "e", "f"],
+           "hair": ["short01", "short02", "long01"], "glasses": ["none", "present"]}
+RELIABLE = ["skin_color", "hair_color", "glasses"]
+
+
+def random_attribute_net(images, path, info, classes=CLASSES):
+    """A randomly initialised AttributeNet whose BatchNorm statistics are those of `images`, so that
+    its predicted labels vary from image to image; saved at `path` as the committed one is."""
+    torch.manual_seed(0)
+    net = attribute_net.AttributeNet(classes, width=8)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # running statistics = this batch's
+    with torch.no_grad():
+        net.train()(attribute_net.to_input(images))
+    attribute_net.save(str(path), net, info)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def attribute_net_file(tmp_path_factory, image_sets):
+    return random_attribute_net(image_sets["reference"][:256], tmp_path_factory.mktemp("attribute_net") / "net.pt",
+                                {"reliable": RELIABLE})
+
+
+def test_load_attribute_net_keeps_the_reliable_heads(attribute_net_file, tmp_path, image_sets):
+    net, heads = evaluate.load_attribute_net(attribute_net_file, "cpu")
+    assert heads == RELIABLE and list(net.classes) == list(CLASSES)
+    assert evaluate.load_attribute_net(tmp_path / "missing.pt", "cpu") is None
+    shuffled = random_attribute_net(image_sets["reference"][:64], tmp_path / "net.pt",
+                                    {"reliable": ["glasses", "skin_color"]})
+    assert evaluate.load_attribute_net(shuffled, "cpu")[1] == ["skin_color", "glasses"]  # in the network's order
+    every = random_attribute_net(image_sets["reference"][:64], tmp_path / "net.pt", {})
+    assert evaluate.load_attribute_net(every, "cpu")[1] == list(CLASSES)
+
+
+def test_attribute_scores_of_the_floor_itself_and_of_a_colour_shift(attribute_net_file, image_sets):
+    net, heads = evaluate.load_attribute_net(attribute_net_file, "cpu")
+    readings = {name: evaluate.attribute_readings(net, image_sets[name], "cpu", name)
+                for name in ("test", "reference")}
+    result = evaluate.attribute_scores({"samples": readings["test"], **readings}, heads, net.classes)
+    m = result["metrics"]
+    assert set(m) == set(evaluate.ATTRIBUTE_METRICS)
+    for key in evaluate.ATTRIBUTE_METRICS:  # the samples are the test set: the same numbers as the floor
+        assert m[key]["samples"] == m[key]["floor"], key
+    assert result["heads"] == RELIABLE and list(result["tv"]) == RELIABLE
+    assert list(result["mi"]) == ["skin_color,hair_color", "skin_color,glasses", "hair_color,glasses"]
+    assert result["mi_units"] == "nats" and result["reference_images"] == 1024
+    histogram = result["histograms"]["hair_color"]
+    assert list(histogram) == ["classes", "samples", "test", "reference"]
+    assert histogram["classes"] == CLASSES["hair_color"] and sum(histogram["reference"]) == pytest.approx(1.0)
+    assert sum(share > 0 for share in histogram["test"]) > 1  # the random network's labels vary
+    assert result["tv"]["hair_color"]["floor"] == pytest.approx(evaluate.total_variation(
+        torch.tensor(histogram["test"]), torch.tensor(histogram["reference"])))
+    assert m["attribute_tv_mean"]["floor"] == pytest.approx(sum(v["floor"] for v in result["tv"].values()) / 3)
+    assert m["attribute_mi_max"]["floor"] == max(v["floor"] for v in result["mi"].values())
+    assert m["attribute_fd"]["floor"] > 0
+    thresholds = result["confidence_thresholds"]
+    assert list(thresholds) == RELIABLE and all(0 < t < 1 for t in thresholds.values())
+    assert 0.5 < m["attribute_precision"]["floor"] < 1.0
+
+    shifted = evaluate.attribute_readings(net, colour_shifted(image_sets["fresh"]), "cpu", "samples")
+    shifted = evaluate.attribute_scores({"samples": shifted, **readings}, heads, net.classes)["metrics"]
+    assert shifted["attribute_fd"]["samples"] > 3 * shifted["attribute_fd"]["floor"]
+    assert shifted["attribute_fd"]["floor"] == m["attribute_fd"]["floor"]  # the floor does not depend on the samples
+
+
+@pytest.mark.skipif(not Path(attribute_net.WEIGHTS).is_file(), reason="models/attribute_net.pt is not there yet")
+def test_committed_attribute_network_scores_held_out_avatars_at_the_floor(tmp_path):
+    folders = {name: testkit.make_avatar_folder(tmp_path / name, n, first_index) for name, n, first_index in
+               (("reference", 256, 0), ("test", 64, 1_000_000), ("held_out", 64, 2_000_000))}
+    images = {name: evaluate.load_image_folder(folder) for name, folder in folders.items()}
+    attributes = evaluate.load_attribute_net(attribute_net.WEIGHTS, "cpu")
+    assert len(attributes[1]) >= 3  # most heads are reliable
+    m = evaluate.evaluate(images["held_out"], images["test"], images["reference"], attributes=attributes,
+                          seed=0)["metrics"]
+    assert 0.6 < m["attribute_fd"]["samples"] / m["attribute_fd"]["floor"] < 1.6
+    assert 0.6 < m["attribute_tv_mean"]["samples"] / m["attribute_tv_mean"]["floor"] < 1.6
+    assert 0.6 < m["attribute_mi_mean"]["samples"] / m["attribute_mi_mean"]["floor"] < 1.6
+    assert abs(m["attribute_precision"]["samples"] - m["attribute_precision"]["floor"]) < 0.15
+    shifted = evaluate.evaluate(colour_shifted(images["held_out"]), images["test"], images["reference"],
+                                attributes=attributes, seed=0)["metrics"]
+    # At N = 64 the floor is mostly the estimate's bias (256 features); the shift adds about as much again.
+    assert shifted["attribute_fd"]["samples"] > 1.5 * shifted["attribute_fd"]["floor"]
+
+
 # ---- all metrics together: the floor, distortions, memorisation ----------------------------------
 
 @pytest.fixture(scope="module")
@@ -193,8 +369,10 @@ def scores(image_sets, samples):
     return evaluate.evaluate(samples, image_sets["test"], image_sets["reference"], seed=0)
 
 
-def test_fresh_samples_score_about_the_floor(image_sets):
-    result = scores(image_sets, image_sets["fresh"])
+def test_fresh_samples_score_about_the_floor(image_sets, attribute_net_file):
+    attributes = evaluate.load_attribute_net(attribute_net_file, "cpu")
+    result = evaluate.evaluate(image_sets["fresh"], image_sets["test"], image_sets["reference"],
+                               attributes=attributes, seed=0)
     m = result["metrics"]
     assert result["precision_recall_features"] == "pixels"
     assert m["fid"] == {"samples": None, "floor": None}  # no Inception network given
@@ -204,12 +382,18 @@ def test_fresh_samples_score_about_the_floor(image_sets):
     assert m["memorised_share"]["samples"] <= 0.05
     assert m["memorised_share"]["floor"] == pytest.approx(0.01, abs=0.005)  # the 1st percentile, by construction
     assert m["nearest_train_l2_median"]["samples"] == pytest.approx(m["nearest_train_l2_median"]["floor"], rel=0.1)
+    # the attribute network read all 1024 reference images (fewer than ATTRIBUTE_REFERENCE_MAX)
+    assert result["attributes"]["reference_images"] == 1024 and result["attributes"]["heads"] == RELIABLE
+    assert 0.7 < m["attribute_fd"]["samples"] / m["attribute_fd"]["floor"] < 1.4
+    assert m["attribute_tv_mean"]["samples"] < 1.5 * m["attribute_tv_mean"]["floor"] + 0.02
+    assert abs(m["attribute_precision"]["samples"] - m["attribute_precision"]["floor"]) < 0.1
 
 
 @pytest.mark.parametrize("distortion", ["blur", "colour_shift"])
 def test_distorted_samples_score_clearly_worse_than_the_floor(image_sets, distortion):
     samples = {"blur": blurred, "colour_shift": colour_shifted}[distortion](image_sets["fresh"])
     m = scores(image_sets, samples)["metrics"]
+    assert m["attribute_fd"] == {"samples": None, "floor": None}  # no attribute network given
     assert m["swd_x1e3_avg"]["samples"] > 3 * m["swd_x1e3_avg"]["floor"]
     level = "32" if distortion == "blur" else "16"
     assert m[f"swd_x1e3_{level}"]["samples"] > 4 * m[f"swd_x1e3_{level}"]["floor"]
@@ -243,12 +427,13 @@ def run_main(capsys, *argv):
     return exit.value.code, out, err
 
 
-def test_image_dir_without_inception_writes_table_and_json(folders, tmp_path, capsys, monkeypatch):
+def test_image_dir_without_inception_writes_table_and_json(folders, attribute_net_file, tmp_path, capsys,
+                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)  # no models/ here: the default weights path is missing
     out_json = tmp_path / "eval.json"
     code, out, err = run_main(capsys, "--image_dir", folders["fresh"], "--reference_dir", folders["reference"],
                               "--test_dir", folders["test"], "--output_json", out_json, "--no_download",
-                              "--device", "cpu")
+                              "--attribute_net", attribute_net_file, "--device", "cpu")
     assert code == 0, err
     assert "FID skipped: put pt_inception-2015-12-05-6726825d.pth in models/\n" in out
     assert "using 32 of the 48 samples: samples and floor use the same N" in out
@@ -258,15 +443,48 @@ def test_image_dir_without_inception_writes_table_and_json(folders, tmp_path, ca
     assert report["reference"]["images"] == 64 and report["test"]["images"] == 32
     assert report["precision_recall_features"] == "pixels"
     assert report["metrics"]["fid"] == {"samples": None, "floor": None}
+    assert "attribute metrics skipped" not in out
+    attributes = report["attributes"]
+    assert attributes["heads"] == RELIABLE and attributes["reference_images"] == 64
+    assert attributes["weights"] == {"path": attribute_net_file, "sha256": attribute_net.sha256_of(attribute_net_file)}
+    assert list(attributes["mi"]) == ["skin_color,hair_color", "skin_color,glasses", "hair_color,glasses"]
+    top_pair = attributes["mi_top_pair"].replace(",", " & ")
+    rows = [(label.format(space="pixels", top_pair=top_pair), fmt, report["metrics"][key])
+            for key, label, fmt in evaluate.ROWS]
+    rows += [(evaluate.TV_HEAD_ROW.format(head=head), ".3f", attributes["tv"][head]) for head in RELIABLE]
     table = out[out.index("metric"):]
-    for key, label, fmt in evaluate.ROWS:
-        row = next(line for line in table.splitlines() if line.startswith(label.format(space="pixels")))
-        values = report["metrics"][key]
+    lines = table.splitlines()
+    for label, fmt, values in rows:
+        row = next(line for line in lines if line.startswith(label + " "))
         if values["samples"] is None:
             assert row.split()[-2:] == ["skipped", "skipped"], row
         else:
             assert row.split()[-2:] == [f"{values['samples']:{fmt}}", f"{values['floor']:{fmt}}"], row
+    mean_row = next(i for i, line in enumerate(lines) if line.startswith("attribute TV, mean over heads "))
+    for line, head in zip(lines[mean_row + 1:mean_row + 4], RELIABLE, strict=True):  # the head rows follow it
+        assert line.startswith(f"  attribute TV, {head} "), line
     assert "samples (N=32)" in table and "floor: test vs train (N=32)" in table
+
+
+@pytest.mark.parametrize("how", ["missing_file", "no_attribute_net"])
+def test_attribute_metrics_are_skipped(how, folders, attribute_net_file, tmp_path, capsys):
+    missing = tmp_path / "models" / "attribute_net.pt"
+    flag = ["--attribute_net", missing] if how == "missing_file" else ["--attribute_net", attribute_net_file,
+                                                                        "--no_attribute_net"]
+    out_json = tmp_path / "eval.json"
+    code, out, err = run_main(capsys, "--image_dir", folders["fresh"], "--reference_dir", folders["reference"],
+                              "--test_dir", folders["test"], "--output_json", out_json, "--no_download",
+                              "--inception_weights", tmp_path / "none.pth", *flag, "--device", "cpu")
+    assert code == 0, err
+    note = f"attribute metrics skipped: no attribute network at {missing}"
+    assert (note + "\n" in out) == (how == "missing_file")
+    report = json.loads(out_json.read_text())
+    assert report["attributes"] is None
+    for key in evaluate.ATTRIBUTE_METRICS:
+        assert report["metrics"][key] == {"samples": None, "floor": None}
+    row = next(line for line in out.splitlines() if line.startswith("attribute FD"))
+    assert row.split()[-2:] == ["skipped", "skipped"]
+    assert "attribute TV, skin_color" not in out
 
 
 def test_fid_path_runs_with_a_random_inception_state_dict(folders, tmp_path, capsys):
@@ -280,7 +498,7 @@ def test_fid_path_runs_with_a_random_inception_state_dict(folders, tmp_path, cap
     out_json = tmp_path / "eval.json"
     code, out, err = run_main(capsys, "--image_dir", small["fresh"], "--reference_dir", small["reference"],
                               "--test_dir", small["test"], "--inception_weights", weights, "--output_json", out_json,
-                              "--device", "cpu")
+                              "--no_attribute_net", "--device", "cpu")
     assert code == 0, err
     assert "FID skipped" not in out
     report = json.loads(out_json.read_text())
@@ -294,7 +512,7 @@ def test_fid_path_runs_with_a_random_inception_state_dict(folders, tmp_path, cap
 
 @pytest.mark.parametrize("case", ["no_source", "reference_missing", "wrong_size", "checkpoint_missing",
                                   "num_samples", "output_json", "garbage_weights", "foreign_state_dict", "too_few",
-                                  "batch_size", "steps", "eta"])
+                                  "batch_size", "steps", "eta", "damaged_attribute_net"])
 def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
     sets = ["--reference_dir", folders["reference"], "--test_dir", folders["test"], "--no_download",
             "--inception_weights", tmp_path / "none.pth", "--device", "cpu"]
@@ -334,6 +552,12 @@ def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
             torch.save({"conv.weight": torch.zeros(3)}, weights)
         argv, expected = (["--image_dir", folders["fresh"], *sets, "--inception_weights", weights],
                           f"error: --inception_weights {weights}: not a FID Inception state dict")
+    elif case == "damaged_attribute_net":
+        weights = tmp_path / "attribute_net.pt"
+        weights.write_bytes(b"not a network")
+        (tmp_path / "attribute_net.pt.sha256").write_text("0" * 64 + "  attribute_net.pt\n")
+        argv, expected = (["--image_dir", folders["fresh"], *sets, "--attribute_net", weights],
+                          f"error: {weights}: its sha256 does not match {weights}.sha256")
     elif case == "too_few":
         few = write_folder(tmp_path / "few", synthetic_images(4, seed=9))
         argv, expected = ["--image_dir", few, *sets], "error: need more than 4 images in every set, got 4"
