@@ -21,8 +21,10 @@ def test_train_then_generate_through_the_launchers(tmp_path):
                  cwd=repo, env={"NUM_TRAIN": "32", "NUM_TEST": "16"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "building the default data set" in result.stdout
-    assert len(os.listdir(repo / "images" / "train_images_downsample")) == 32
-    assert len(os.listdir(repo / "images" / "test_images_downsample")) == 16
+    for folder, count in (("train_images_downsample", 32), ("test_images_downsample", 16)):
+        names = os.listdir(repo / "images" / folder)
+        assert len([n for n in names if n.endswith(".png")]) == count and "labels.csv" in names
+        assert len((repo / "images" / folder / "labels.csv").read_text().splitlines()) == count + 1
     assert (repo / "checkpoints" / "latest_model.pth").exists()
 
     result = run(["bash", "generate.sh", "--device", "cpu", "--steps", 3], cwd=repo)
