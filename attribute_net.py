@@ -15,8 +15,11 @@ is committed.
 import hashlib
 import os
 
+import sys
+
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from cli import UserError, atomic_write
 
@@ -75,11 +78,12 @@ def to_input(images_uint8):
 
 
 @torch.no_grad()
-def read_images(net, images_uint8, device="cpu", batch_size=500):
-    """(features float64 N x D, {attribute: class probabilities float64 N x K}) of uint8 images."""
+def read_images(net, images_uint8, device="cpu", batch_size=500, desc=None):
+    """(features float64 N x D, {attribute: class probabilities float64 N x K}) of uint8 images;
+    with a progress bar on stderr when `desc` names it."""
     net.eval()
     features, probabilities = [], {name: [] for name in net.classes}
-    for i in range(0, len(images_uint8), batch_size):
+    for i in tqdm(range(0, len(images_uint8), batch_size), desc=desc, disable=desc is None, file=sys.stderr):
         f, logits = net(to_input(images_uint8[i:i + batch_size].to(device)))
         features.append(f.double().cpu())
         for name, z in logits.items():
@@ -122,7 +126,8 @@ def load(path=WEIGHTS, device="cpu"):
         raise UserError(f"{path}: not an attribute network of this project (format {FORMAT})")
     net = AttributeNet(saved["classes"], width=saved["width"])
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in saved["state_dict"].items()})
-    return net.to(device).eval(), saved["info"]
+    # channels_last: 1.7x faster on a CPU (oneDNN), equal to float32 rounding.
+    return net.to(device, memory_format=torch.channels_last).eval(), saved["info"]
 
 
 def class_index(net, name, values):
