@@ -8,6 +8,8 @@ Rows:
   (2) diffusers' UNet2DModel with its DDPM CIFAR-10 configuration, bf16 autocast + channels_last, batch 256;
   (3) train.py's own training step (make_train_step) with preset seed, batch 230;
   (4) train.py's own training step with preset default, batch 230.
+  (5) with --loop_minutes M: train.py's whole loop (data, logging, validation, checkpoints) for M
+      minutes on the default data set, against (4).
 FLOPs are counted by torch's FlopCounterMode on one eager training step (forward + backward).
 Also: samples per second with the default network through generate.py's own path, for DPM-Solver-20
 (eager and compiled), DPM-Solver-25 (preset default's), DDIM-100 and DDPM-1000; the card's measured bf16 matrix-multiply peak; and with
@@ -17,12 +19,14 @@ forced contiguous also times (4) with other activation layouts (see ours()).
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import ArgumentParser, UserError, atomic_write, make_folder, positive_int, run_main
+from cli import ArgumentParser, UserError, atomic_write, make_folder, non_negative_float, positive_int, run_main
 from config import make_config
 from diffusion import sample_alpha_bar, training_loss
 from generate import generate_images
@@ -167,6 +171,45 @@ def sampling_speed(sampler, steps, num_images, batch_size, compile):
     return dict(name=name, num_images=num_images, seconds=seconds, samples_per_s=num_images / seconds)
 
 
+def loop_speed(minutes, out, bare_img_per_s):
+    """(5): train.py's whole loop, preset default, for `minutes` on the default data set, against
+    the bare step (4). The first 50-step window (compiling) is left out; the others are split by
+    whether they held a validation or a checkpoint (loop_windows)."""
+    run_dir = os.path.join(out, "loop_run")
+    command = [sys.executable, "train.py", "--max_minutes", str(minutes), "--model_checkpoint_dir", run_dir, "--fresh",
+               "--no_visdom", "--compile", "whole", "--batch_size", "230"]
+    print(f"  (5) {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    row = loop_windows(os.path.join(run_dir, "log.jsonl"))
+    row.update(name=f"(5) train.py loop, preset default, {minutes:g} minutes", batch_size=230,
+               vs_bare_step=row["img_per_s"] / bare_img_per_s if bare_img_per_s else None)
+    print(f"  {row['name']}: {row['img_per_s']:,.0f} img/s, {row['vs_bare_step'] or float('nan'):.0%} of (4)", flush=True)
+    return row
+
+
+def loop_windows(log_path):
+    """A train.py log's img/s over its 50-step windows after the first, and per window kind: quiet,
+    or holding a validation or a checkpoint (the records between two train records)."""
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f]
+    windows, events = [], []
+    for r in records:
+        if r["kind"] == "train":
+            windows.append(dict(step=r["step"], img_per_s=r["img_per_s"], events=events))
+            events = []
+        elif r["kind"] in ("validation", "checkpoint"):
+            events = events + [r["kind"]]
+    trains = [r for r in records if r["kind"] == "train"]
+    images = trains[-1]["images_seen"] - trains[0]["images_seen"]
+    seconds = trains[-1]["time"] - trains[0]["time"]
+    by_kind = {}
+    for w in windows[1:]:
+        kind = "+".join(sorted(set(w["events"]))) or "quiet"
+        by_kind.setdefault(kind, []).append(w["img_per_s"])
+    return dict(img_per_s=images / seconds, windows=len(windows) - 1,
+                window_img_per_s={kind: dict(count=len(v), mean=sum(v) / len(v), min=min(v)) for kind, v in by_kind.items()})
+
+
 def profile(fn, path, steps=5):
     """Where the GPU time of fn goes: the top kernels, and a summary by kind, written to path."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -222,6 +265,12 @@ def write_outputs(results, out):
         lines.append(f"| {r['name']} | {r['batch_size']} | {r['img_per_s']:,.0f} | {r['gflop_per_image']:.1f} | "
                      f"{r['tflops']:.0f} | {100 * r['tflops'] / peak:.0f}% | {r['peak_memory_gib']:.1f} | "
                      f"{vs1:.2f}x | {vs2:.2f}x |")
+    if "loop" in results:
+        loop = results["loop"]
+        lines += ["", f"{loop['name']}: {loop['img_per_s']:,.0f} img/s over {loop['windows']} windows of 50 steps "
+                      f"after the first, {loop['vs_bare_step'] or float('nan'):.0%} of (4)"]
+        lines += [f"- windows with {kind}: {w['count']}, mean {w['mean']:,.0f} img/s, lowest {w['min']:,.0f}"
+                  for kind, w in loop["window_img_per_s"].items()]
     lines.append("")
     for s in results["sampling"]:
         lines.append(f"- {s['name']}: {s['samples_per_s']:,.0f} samples/s "
@@ -243,6 +292,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="also write torch.profiler summaries of (4) and of sampling")
     parser.add_argument("--layouts", nargs="*", default=[], choices=["forced", "contiguous"],
                         help="also time (4) with other activation layouts (see ours())")
+    parser.add_argument("--loop_minutes", type=non_negative_float, default=0,
+                        help="also run train.py's loop this long on the default data set, against (4) (0: skip)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise UserError("bench.py measures a CUDA GPU and none is visible")
@@ -264,6 +315,10 @@ def main(argv=None):
         except Exception as e:  # one failing row must not lose the others
             print(f"  row failed: {type(e).__name__}: {e}", flush=True)
         torch.cuda.empty_cache()
+        write_outputs(results, args.out)
+    if args.loop_minutes:
+        bare = next((r["img_per_s"] for r in results["rows"] if r["name"].startswith("(4)")), None)
+        results["loop"] = loop_speed(args.loop_minutes, args.out, bare)
         write_outputs(results, args.out)
     b, n = args.sample_batch, args.sample_images
     for sampler, steps, num_images, compile in (("dpm", 20, n, "off"), ("dpm", 20, n, "on"), ("dpm", 25, n, "on"),

@@ -6,6 +6,7 @@ cannot run code:
     config, preset         the full configuration (config.py) and the preset it came from
     model, ema, optimizer  state dicts (ema equals model when the run keeps no EMA)
     step, epoch, batch_in_epoch, best_validation_loss
+    train_seconds          training time so far, resumes included (--max_minutes and the lr schedule's clock)
     rng                    torch's global state, the training noise generator's, and CUDA's
 It is written atomically, and in the background: a run killed at any moment leaves the last
 good file, and training does not wait for the disk.
@@ -34,6 +35,7 @@ class TrainingState:
     epoch: int = 0
     batch_in_epoch: int = 0
     best_validation_loss: float = math.inf
+    train_seconds: float = 0.0  # wall-clock time spent training, over every resume
 
     def to_checkpoint(self, config, preset):
         """The checkpoint dict, copied to the CPU now: training may go on while it is written."""
@@ -42,7 +44,7 @@ class TrainingState:
             "format": FORMAT, "config": config_to_dict(config), "preset": preset,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best_validation_loss": self.best_validation_loss,
+            "best_validation_loss": self.best_validation_loss, "train_seconds": self.train_seconds,
             "rng": {"torch": torch.get_rng_state(), "noise": self.noise_generator.get_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         })
@@ -56,6 +58,7 @@ class TrainingState:
         self.step, self.epoch = checkpoint["step"], checkpoint["epoch"]
         self.batch_in_epoch = checkpoint["batch_in_epoch"]
         self.best_validation_loss = checkpoint["best_validation_loss"]
+        self.train_seconds = checkpoint.get("train_seconds", 0.0)  # absent before 2026-11-27
         rng = checkpoint["rng"]
         torch.set_rng_state(rng["torch"])
         try:

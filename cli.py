@@ -137,6 +137,17 @@ def pick_device(name, local_rank=0):
     return torch.device(name)
 
 
+def compile_cache_dir():
+    """Where torch.compile keeps what it compiled, across runs and reboots, so that a graph is
+    compiled once per machine: $TORCHINDUCTOR_CACHE_DIR when set (move it there), else
+    ~/.cache/simple_ddpm/torchinductor (inductor's own default is under /tmp). Triton keeps its
+    kernels in ~/.triton/cache ($TRITON_CACHE_DIR). Call before the first torch.compile."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache, "simple_ddpm", "torchinductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 # ---- files ---------------------------------------------------------------------------------------
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_for_sampling
-from cli import ArgumentParser, UserError, atomic_write, make_folder, non_negative_float, parse_bool, pick_device, \
-    positive_int, random_seed, run_main
+from cli import (ArgumentParser, UserError, atomic_write, compile_cache_dir, make_folder, non_negative_float,
+                 parse_bool, pick_device, positive_int, random_seed, run_main)
 from config import CHOICES
 from dataset import to_uint8
 from diffusion import sample, sampler_name
@@ -50,6 +50,7 @@ def generate_images(model, config, num_images, seed=0, batch_size=1000, device="
     one shape, and more images with the same seed and batch size extend fewer."""
     batch_size = min(batch_size, num_images)
     if compile == "on" or (compile == "auto" and torch.device(device).type == "cuda" and num_images >= COMPILE_FROM):
+        compile_cache_dir()
         model = torch.compile(model.to(memory_format=torch.channels_last), dynamic=False)
     generator = torch.Generator().manual_seed(seed)
     images = []

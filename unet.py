@@ -171,6 +171,8 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
+        if config.zero_init:
+            zero_init_(self)
 
     def forward(self, x, alpha_bar):
         emb = self.noise_embedding(alpha_bar) if self.noise_embedding is not None else None
@@ -200,6 +202,27 @@ class UNet(nn.Module):
                     m.track_running_stats = False  # use the batch's statistics, leave the running ones untouched
                     m.running_mean = m.running_var = None
         return self
+
+
+def zero_init_(model):
+    """The untrained network outputs exactly 0, and each residual branch (ResBlock, attention)
+    adds exactly 0, as in DDPM and ADM (Ho et al. 2020; Dhariwal & Nichol 2021, zero_module).
+    With the eps target the first loss is then E[eps^2] = 1 instead of whatever a random output
+    costs. Our branches end in conv -> norm -> FiLM -> activation, so the layer to zero is the
+    norm's affine scale and shift (a zeroed conv would be undone by the norm after it, as in
+    Goyal et al. 2017's zero-gamma ResNets); without a norm, the conv itself."""
+    def zero_(*modules):
+        for m in modules:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    for m in model.modules():
+        if isinstance(m, ResBlock):
+            last = m.block2
+            zero_(last.conv if isinstance(last.norm, nn.Identity) else last.norm)
+        elif isinstance(m, SelfAttention):
+            zero_(m.proj)
+    zero_(model.tail if isinstance(model.tail, nn.Conv2d) else model.tail[0])
 
 
 def count_parameters(model):

@@ -26,3 +26,23 @@ def test_profile_kinds_put_fused_triton_kernels_apart_from_convolutions():
     assert kernel_kind("sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc").startswith("convolution")
     assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert kernel_kind("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>").startswith("copies")
+
+
+def test_loop_windows_splits_the_windows_by_what_happened_in_them(tmp_path):
+    from bench import loop_windows
+    records = [{"kind": "config"}]
+    for step in range(50, 550, 50):  # 230 images a step; one window holds a validation, two a checkpoint
+        records.append({"kind": "train", "step": step, "images_seen": 230 * step, "time": step / 20,
+                        "img_per_s": 1000 if step == 50 else 4000 if step in (200, 400, 450) else 4600})
+        if step == 150:
+            records.append({"kind": "validation", "step": step})
+        if step in (350, 400):
+            records.append({"kind": "checkpoint", "step": step, "name": "latest_model.pth"})
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = loop_windows(path)
+    assert result["windows"] == 9 and result["img_per_s"] == 230 * 20  # after the first window: 450 steps in 22.5 s
+    kinds = result["window_img_per_s"]
+    assert kinds["validation"] == {"count": 1, "mean": 4000, "min": 4000}
+    assert kinds["checkpoint"] == {"count": 2, "mean": 4000, "min": 4000}
+    assert kinds["quiet"]["count"] == 6 and kinds["quiet"]["min"] == 4600

@@ -104,7 +104,7 @@ def test_an_interrupt_of_one_process_stops_every_process_at_the_next_log_step(im
     log_every, run_dir = 10, tmp_path / "run"
     command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(REPO, "train.py"),
                *tiny_train_args(images, images, str(run_dir), "--log_every", log_every, "--num_epochs", 100000,
-                                "--validate_every", 100000, "--save_every", 100000)]
+                                "--validate_every", 100000, "--save_every", 1)]
     output_path = tmp_path / "output.txt"
     with open(output_path, "w") as output:
         launcher = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
@@ -112,8 +112,9 @@ def test_an_interrupt_of_one_process_stops_every_process_at_the_next_log_step(im
     read_output = lambda: output_path.read_text(errors="replace")
     workers, survivors = {}, []
     try:
-        # 64 images in batches of 16: 4 steps an epoch. The first epoch's checkpoint (step 4) shows
-        # both workers are in the loop, with their signal handlers set, 6 steps before a log step.
+        # 64 images in batches of 16: 4 steps an epoch. The first epoch's checkpoint (step 4, with
+        # --save_every 1) shows both workers are in the loop, with their signal handlers set, 6 steps
+        # before a log step.
         deadline = time.time() + 300
         while not (run_dir / "latest_model.pth").exists():
             assert launcher.poll() is None and time.time() < deadline, read_output()[-4000:]

@@ -1,4 +1,6 @@
+import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -104,6 +106,8 @@ def test_checkpoint_holds_everything_and_loads_weights_only(data, tmp_path):
     assert checkpoint["config"]["channels"] == [16, 32, 32, 32] or checkpoint["config"]["channels"] == (16, 32, 32, 32)
     assert sorted(os.listdir(tmp_path)) == ["1.pth", "2.pth", "best_validation_checkpoint.pth", "latest_model.pth",
                                             "log.jsonl", "loss_curve.png"]
+    written = [(r["step"], r["name"]) for r in log_records(tmp_path, "checkpoint") if not r["name"].startswith("best")]
+    assert written == [(4, "1.pth"), (4, "latest_model.pth"), (8, "2.pth"), (8, "latest_model.pth")]
 
 
 @pytest.mark.slow
@@ -177,11 +181,11 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(data, tmp_path)
 
 @pytest.mark.slow
 def test_ctrl_c_saves_an_exact_checkpoint(data, tmp_path):
-    args = [PYTHON, os.path.join(REPO, "train.py"), *tiny_train_args(data[0], data[1], str(tmp_path), "--num_epochs", 10000)]
+    args = [PYTHON, os.path.join(REPO, "train.py"), *tiny_train_args(data[0], data[1], str(tmp_path), "--num_epochs",
+                                                                     10000, "--log_every", 2)]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "latest_model.pth").exists() and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for_step(proc, tmp_path, 4)
+    assert not (tmp_path / "latest_model.pth").exists()  # --save_minutes 10 has not come round: the stop writes it
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -189,6 +193,59 @@ def test_ctrl_c_saves_an_exact_checkpoint(data, tmp_path):
     checkpoint = torch.load(tmp_path / "latest_model.pth", weights_only=True)
     assert checkpoint["step"] >= 4
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+@pytest.mark.slow
+def test_a_decaying_schedule_resumes_exactly_after_ctrl_c(data, tmp_path):
+    """Stopped anywhere by Ctrl-C and resumed with the same flags, a cosine schedule to --max_kimg
+    ends exactly where an uninterrupted run does."""
+    extra = ("--max_kimg", 0.64, "--set", "lr_schedule=cosine", "--set", "warmup_steps=4", "--seed", 2,
+             "--log_every", 2, "--num_epochs", 1000)  # 0.64 kimg in batches of 16: 40 steps
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(data, straight, *extra)
+    proc = subprocess.Popen([PYTHON, os.path.join(REPO, "train.py"),
+                             *tiny_train_args(data[0], data[1], str(resumed), *extra)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, resumed, 6)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    stopped_at = state_of(resumed / "latest_model.pth")["step"]
+    assert 6 <= stopped_at < 40, stopped_at
+    assert "resuming" in train(data, resumed, *extra).stdout
+    a, b = state_of(straight / "latest_model.pth"), state_of(resumed / "latest_model.pth")
+    assert a["step"] == b["step"] == 40
+    for key in ("model", "ema", "optimizer"):
+        assert_same_tensors(a[key], b[key], key)
+    lrs = [r["lr"] for r in log_records(straight, "train")]
+    assert lrs == [r["lr"] for r in log_records(resumed, "train") if r["step"] != stopped_at or r["step"] % 2 == 0]
+    # warm-up to 1e-3 (tiny's rate) at step 4, then half a cosine to 0 at step 40
+    assert lrs[1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 40)))
+    assert lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 39 / 40))) and lrs[-1] < 2e-5
+
+
+@pytest.mark.slow
+def test_latest_checkpoint_is_written_on_the_clock(data, tmp_path):
+    """A run killed outright (no Ctrl-C handler runs) loses at most --save_minutes of training."""
+    args = [PYTHON, os.path.join(REPO, "train.py"),
+            *tiny_train_args(data[0], data[1], str(tmp_path), "--num_epochs", 10000, "--log_every", 2,
+                             "--save_minutes", 0.002, "--save_every", 10000, "--validate_every", 10000)]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, tmp_path, 8)
+    time.sleep(1)  # the background writer finishes the file it started
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert state_of(tmp_path / "latest_model.pth")["step"] >= 4
+
+
+def wait_for_step(proc, run_dir, step, timeout=120):
+    """Until the run's log holds a train record at `step` or later."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError):  # absent, or a line being written
+            if any(r["step"] >= step for r in log_records(run_dir, "train")):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no train record at step {step} within {timeout} s")
 
 
 # ---- the optimisation fields, each tested through train.py's own step -------------------------------
@@ -292,3 +349,98 @@ def test_a_resumed_run_keeps_the_preset_it_was_started_with(tmp_path):
     args = parse_args(argv)
     resumed_config, resume_from = configure(args, argv, str(tmp_path / "latest_model.pth"), Processes("cpu"))
     assert (resumed_config, args.preset, resume_from["step"]) == (config, "tiny", 7)
+
+
+# ---- the learning-rate schedule and where the run ends ------------------------------------------------
+
+@pytest.mark.parametrize("schedule, at_half, at_end", [("constant", 1.0, 1.0), ("cosine", 0.5, 0.0),
+                                                        ("linear", 0.5, 0.0)])
+def test_lr_schedule_decays_to_the_end_of_the_run(schedule, at_half, at_end):
+    from config import make_config
+    from train import learning_rate_at
+    config = make_config("tiny", [f"lr_schedule={schedule}", "learning_rate=1e-3", "warmup_steps=10"])
+    assert learning_rate_at(config, 100, 0.0) == pytest.approx(1e-3)
+    assert learning_rate_at(config, 100, 0.5) == pytest.approx(1e-3 * at_half)
+    assert learning_rate_at(config, 100, 1.0) == pytest.approx(1e-3 * at_end)
+    assert learning_rate_at(config, 4, 0.5) == pytest.approx(1e-3 * 0.5 * at_half)  # warm-up times the decay
+    if schedule == "cosine":
+        assert learning_rate_at(config, 100, 0.25) == pytest.approx(1e-3 * (1 + math.sqrt(0.5)) / 2)
+
+
+def run_end(*argv, batch_size=16, steps_per_epoch=4):
+    from config import make_config
+    from train import RunEnd, parse_args
+    return RunEnd.of(parse_args([str(a) for a in argv]), make_config("tiny", [f"batch_size={batch_size}"]), steps_per_epoch)
+
+
+def test_the_run_ends_at_the_first_limit_known():
+    assert run_end().progress(1000, 1e6) == 0  # no limit: the schedule stays constant
+    assert run_end("--max_kimg", 1).steps == 63  # ceil(1000 / 16)
+    end = run_end("--max_kimg", 1, "--max_steps", 50)
+    assert (end.steps, end.steps_flag) == (50, "--max_steps 50")
+    assert end.progress(25, 0) == 0.5
+    end = run_end("--max_steps", 100, "--max_minutes", 2)
+    assert end.progress(10, 60) == 0.5 and end.progress(80, 60) == 0.8 and end.progress(100, 300) == 1
+    assert run_end("--num_epochs", 10).progress(20, 0) == 0.5  # 10 epochs of 4 steps
+    assert run_end().epoch_steps == 0  # the seed's 5000 epochs, not given, are a cap but not an end
+
+
+# ---- torch.compile where it pays ------------------------------------------------------------------------
+
+def test_compile_plan_never_spends_more_than_a_tenth_of_a_known_run_compiling():
+    from train import compile_plan
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cold = lambda mode: 110
+    warm = lambda mode: {"whole": 30, "regional": 12}[mode]
+    assert compile_plan(cpu, None, cold)[0] == "off"
+    assert compile_plan(cuda, None, cold)[0] == "whole"  # no known end: a long run
+    assert compile_plan(cuda, 180, cold)[0] == "off"  # a 3-minute run with an empty cache
+    assert compile_plan(cuda, 1100, cold)[0] == "whole"
+    assert compile_plan(cuda, 180, warm)[0] == "regional"  # 12 s <= 10% of 180 s < 30 s
+    assert compile_plan(cuda, 100, warm)[0] == "off"
+    assert compile_plan(cuda, 300, warm)[0] == "whole"
+    mode, why = compile_plan(cuda, 180, cold)
+    assert "110 s" in why and "180 s" in why
+
+
+def test_the_compile_ledger_remembers_each_graphs_first_step(tmp_path, monkeypatch):
+    from config import make_config
+    from train import COLD_COMPILE_SECONDS, CompileLedger, Processes
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    from unet import UNet
+    procs = Processes(torch.device("cpu"))
+    ledger = CompileLedger(UNet(make_config("tiny")), make_config("tiny"), procs, None)
+    assert ledger.expected_seconds("whole") == COLD_COMPILE_SECONDS
+    step = ledger.timing_first_call(lambda x: (time.sleep(0.3), torch.zeros(()))[1], "regional")
+    step(0)
+    assert 0.3 <= ledger.expected_seconds("regional") < 2 and ledger.expected_seconds("whole") == COLD_COMPILE_SECONDS
+    step(1)  # only the first call is timed
+    assert json.loads((tmp_path / "simple_ddpm_compile_seconds.json").read_text())[ledger.key]["regional"] < 2
+    for other in ([UNet(make_config("tiny", ["batch_size=32"])), make_config("tiny", ["batch_size=32"])],
+                  [UNet(make_config("tiny", ["norm=batch"])), make_config("tiny")]):  # other graphs
+        other = CompileLedger(*other, procs, None)
+        assert other.key != ledger.key and other.expected_seconds("regional") == COLD_COMPILE_SECONDS
+    same = CompileLedger(UNet(make_config("tiny", ["learning_rate=0.1"])), make_config("tiny"), procs, None)
+    assert same.key == ledger.key  # nothing compiled changes
+
+
+def test_regional_compile_compiles_each_block_in_place():
+    from config import make_config
+    from train import compile_blocks
+    from unet import Stage, UNet
+    model = UNet(make_config("tiny"))
+    names = list(model.state_dict())
+    compile_blocks(model)
+    stages = [m for m in model.modules() if isinstance(m, Stage)]
+    assert len(stages) == 14 and all(m._compiled_call_impl is not None for m in stages)
+    assert model.head._compiled_call_impl is None
+    assert list(model.state_dict()) == names  # checkpoints keep their keys
+
+
+def test_the_compile_cache_is_persistent_and_movable(monkeypatch, tmp_path):
+    from cli import compile_cache_dir
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache_dir() == str(tmp_path / "simple_ddpm" / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    assert compile_cache_dir() == "/somewhere/else"

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from config import make_config
 from testkit import run_script
-from unet import ConvBlock, SelfAttention, UNet, count_parameters
+from unet import ConvBlock, ResBlock, SelfAttention, UNet, count_parameters
 
 # tiny: channels (16, 32, 32, 32), three down levels and three up levels of two Stages each, and a
 # middle of two Stages; every Stage is a ResBlock of two ConvBlocks.
@@ -218,3 +218,41 @@ def test_batchnorm_statistics_at_sampling_time():
             outs[stats] = model.sampling_mode()(x, torch.rand(8))
         assert not model.training or stats == "batch"
     assert not torch.allclose(outs["running"], outs["batch"])
+
+
+@pytest.mark.parametrize("norm", ["group", "batch", "none"])
+def test_zero_init_makes_the_output_and_every_residual_branch_exactly_zero(norm):
+    config = make_config("default", [f"norm={norm}", "zero_init=true", "attention=(16,8)"])
+    torch.manual_seed(0)
+    model = UNet(config).train()
+    x, alpha_bar = torch.randn(4, 3, 32, 32), torch.rand(4)
+    assert torch.equal(model(x, alpha_bar), torch.zeros(4, 3, 32, 32))
+    branches = []  # every residual branch adds exactly 0: a ResBlock returns its skip, attention its input
+    for m in model.modules():
+        if isinstance(m, ResBlock):
+            m.register_forward_hook(lambda m, inputs, out: branches.append(torch.equal(out, m.skip(inputs[0]))))
+        elif isinstance(m, SelfAttention):
+            m.register_forward_hook(lambda m, inputs, out: branches.append(torch.equal(out, inputs[0])))
+    model(x, alpha_bar)
+    assert len(branches) == 14 + 8 and all(branches)  # 14 ResBlocks, 8 attentions at 16x16 and 8x8
+    # and training moves them: the output layer gets a gradient at once
+    (model(x, alpha_bar) - torch.randn(4, 3, 32, 32)).square().mean().backward()
+    assert model.tail.weight.grad.abs().sum() > 0
+
+
+def test_without_zero_init_the_output_is_far_from_zero():
+    torch.manual_seed(0)
+    out = UNet(make_config("default", ["zero_init=false"]))(torch.randn(4, 3, 32, 32), torch.rand(4))
+    assert out.square().mean() > 1  # measured: about 15 (the issue saw a first loss of 18.7)
+
+
+def test_the_default_starts_at_a_loss_of_about_one():
+    """eps prediction from a zero output costs E[eps^2] = 1 (the issue measured 18.7 without it)."""
+    from diffusion import sample_alpha_bar, training_loss
+    config = make_config("default")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(64, 3, 32, 32, generator=g) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g)
+    loss = training_loss(UNet(config).train(), x0, eps, sample_alpha_bar(config, 64, "cpu", g), config)
+    assert 0.9 < loss.item() < 1.1
