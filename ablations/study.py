@@ -1,0 +1,183 @@
+"""The ablation study, as data: every variant (a preset plus `--set` overrides) and the scales it
+runs at. ablate.py runs it, validates every variant with config.make_config when it loads this
+file, and writes the report; nothing here runs anything.
+
+Groups:
+    baseline        the study's reference (preset default), with 3 seeds for its run-to-run spread
+    path            from the seed's configuration to the default, one change a row, each row
+                    keeping the ones before it
+    one_at_a_time   the default with one field changed
+    sampling        an already-trained run re-evaluated with other sampler settings (no training)
+    peer            another architecture, as a reference
+A variant with `of` set re-evaluates the run of the variant it names; its overrides may only
+change the sampler fields (SAMPLER_FIELDS).
+
+A scale (SCALES) picks the budget in images seen, the number of samples per evaluation, the
+presets (at the CPU scale `default` means `tiny`) and the variants that run, in one place.
+"""
+import math
+from dataclasses import dataclass
+
+from config import CHOICES, make_config
+
+GROUPS = ("baseline", "path", "one_at_a_time", "sampling", "peer")
+SAMPLER_FIELDS = ("sampler", "sampling_steps", "eta", "clamp_x0")  # what a re-evaluation may change
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    group: str
+    preset: str = "default"       # a scale may map it (cpu: default -> tiny)
+    overrides: tuple = ()         # "key=value" strings, as train.py's --set takes them
+    of: str = ""                  # re-evaluate this trained variant's run with `overrides` (sampler fields only)
+    seeds: tuple = (0,)
+    not_runnable: str = ""        # why it cannot run yet; the report lists it with this reason
+    note: str = ""                # what the row shows, for the report
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    budget_kimg: float            # thousands of images seen by every training run
+    num_samples: int              # samples per evaluation, the same for every row
+    folder: str                   # results.jsonl, REPORT.md, grids/ and plots/
+    checkpoints: str              # each run's folder (git-ignored)
+    presets: tuple = ()           # (study preset, preset run at this scale) pairs
+    variants: tuple = ()          # the names that run at this scale; () = all
+    run_minutes_guess: float = 3  # one run, evaluation included, until a finished row says better
+    budget_note: str = ""         # how the budget was chosen
+    toy: bool = False             # the report says, at its top, that this is not the real study
+
+
+SCALES = {
+    "gpu": Scale(
+        "gpu", budget_kimg=500, num_samples=1000, folder="ablations", checkpoints="checkpoints/ablations/gpu",
+        run_minutes_guess=3,
+        budget_note="provisional: 500 kimg is about 1.5 minutes of training at the 3-minute run's 5,230 img/s "
+                    "(H100); `bash ablate.sh curve` measures the curve that should choose it"),
+    "cpu": Scale(
+        "cpu", budget_kimg=4, num_samples=256, folder="ablations/cpu", checkpoints="checkpoints/ablations/cpu",
+        presets=(("default", "tiny"),), run_minutes_guess=3,
+        variants=("baseline", "noise_cond_none", "norm_batch", "target_x0", "zero_init_on", "lr_schedule_cosine",
+                  "baseline_dpm_10", "baseline_clamp_on"),
+        budget_note="chosen by time, not by the curve: the whole toy study, 10 runs two at a time, took 11.4 "
+                    "minutes on this project's 2 CPU cores, and 23 minutes while another engineer's training "
+                    "jobs shared them",
+        toy=True),
+}
+
+
+def setting(key, value):
+    """A --set string for a configuration value: tuples as (a,b), booleans as true/false."""
+    if isinstance(value, tuple):
+        text = "(" + ",".join(map(str, value)) + ("," if len(value) == 1 else "") + ")"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    else:
+        text = str(value)
+    return f"{key}={text}"
+
+
+# ---- path: the seed, then the default's fields a few at a time ----------------------------------
+
+PATH = [  # (name, the default's fields it adds)
+    ("path_A_seed", ()),
+    ("path_B_optimiser", ("optimizer", "learning_rate", "weight_decay", "warmup_steps", "grad_clip")),
+    ("path_C_noise_cond", ("noise_cond",)),
+    ("path_D_ema", ("ema_decay",)),
+    ("path_E_groupnorm", ("norm",)),
+    ("path_F_linear_beta_t", ("noise_sampling",)),
+    ("path_G_zero_init_lr_schedule", ("zero_init", "lr_schedule")),
+    ("path_H_flips_attention", ("hflip", "attention")),
+    ("path_I_channels", ("channels",)),  # now the default's training configuration
+]
+
+
+def path_variants():
+    default, seed = make_config("default"), make_config("seed")
+    rows, overrides = [], ()
+    for name, fields in PATH:
+        added = tuple(setting(k, getattr(default, k)) for k in fields if getattr(default, k) != getattr(seed, k))
+        if fields and not added:
+            continue  # the default keeps the seed's value: nothing to add
+        overrides += added
+        rows.append(Variant(name, "path", preset="seed", overrides=overrides, note=", ".join(added) or "the seed"))
+    sampler = tuple(setting(k, getattr(default, k)) for k in SAMPLER_FIELDS if getattr(default, k) != getattr(seed, k))
+    rows.append(Variant("path_J_sampler", "path", preset="seed", overrides=sampler, of=rows[-1].name,
+                        note="the default's sampler on the run above"))
+    return rows
+
+
+# ---- one at a time: the scale's baseline with one field changed ----------------------------------
+
+def one_at_a_time_variants(b):
+    """b: the baseline's Config at this scale; relative changes (width, learning rate, batch) and
+    flips (zero_init, hflip) are taken from it."""
+    def power_of_two(n):
+        return 2 ** round(math.log2(n))
+    changes = [
+        ("noise_cond_none", ["noise_cond=none"]),
+        ("norm_batch", ["norm=batch"]),
+        ("norm_batch_batch_stats", ["norm=batch", "bn_sampling_stats=batch"]),
+        ("norm_none", ["norm=none"]),
+        *[(f"act_{a}", [f"act={a}"]) for a in CHOICES["act"] if a != b.act],
+        ("dropout_0" if b.dropout else "dropout_0.1", [setting("dropout", 0.0 if b.dropout else 0.1)]),
+        ("down_conv", ["down=conv"]),
+        ("up_transposed", ["up=transposed"]),
+        ("attention_none", ["attention=()"]),
+        ("attention_16_8", ["attention=(16,8)"]),
+        ("width_half", [setting("channels", tuple(c // 2 for c in b.channels))]),
+        ("width_double", [setting("channels", tuple(c * 2 for c in b.channels))]),
+        ("tail_tanh", ["tail=tanh"]),
+        (f"zero_init_{'off' if b.zero_init else 'on'}", [setting("zero_init", not b.zero_init)]),
+        ("data_range_0_1", ["data_range=0,1"]),
+        (f"hflip_{'off' if b.hflip else 'on'}", [setting("hflip", not b.hflip)]),
+        *[(f"noise_sampling_{n}", [f"noise_sampling={n}"]) for n in CHOICES["noise_sampling"] if n != b.noise_sampling],
+        *[(f"target_{t}", [f"target={t}"]) for t in CHOICES["target"] if t != b.target],
+        ("loss_weighting_min_snr_5", ["loss_weighting=min_snr_5"]),
+        *[(f"optimizer_{o}", [f"optimizer={o}"]) for o in CHOICES["optimizer"] if o != b.optimizer],
+        ("lr_x0.5", [setting("learning_rate", b.learning_rate / 2)]),
+        ("lr_x2", [setting("learning_rate", b.learning_rate * 2)]),
+        ("ema_off", ["ema_decay=0"]),
+        ("ema_0.9999", ["ema_decay=0.9999"]),
+        ("warmup_0", ["warmup_steps=0"]),
+        ("grad_clip_0", ["grad_clip=0"]),
+        *[(f"lr_schedule_{s}", [f"lr_schedule={s}"]) for s in CHOICES["lr_schedule"] if s != b.lr_schedule],
+        # The same images seen, so the number of steps changes with the batch.
+        *[(f"batch_{n}", [f"batch_size={n}"]) for n in (power_of_two(b.batch_size / 2), 2 * b.batch_size)],
+    ]
+    return [Variant(name, "one_at_a_time", overrides=tuple(sets)) for name, sets in changes]
+
+
+# ---- sampling: two trained runs, each with other samplers ----------------------------------------
+
+SAMPLERS = [("ddpm", 1000), ("ddpm", 100), ("ddim", 20), ("ddim", 50), ("ddim", 100),
+            ("dpm", 10), ("dpm", 20), ("dpm", 25)]
+
+
+def sampling_variants(b):
+    rows = []
+    for of in ("baseline", "noise_cond_none"):
+        for sampler, steps in SAMPLERS:
+            if (sampler, steps) != (b.sampler, b.sampling_steps):  # that one is the trained run's own row
+                rows.append(Variant(f"{of}_{sampler}_{steps}", "sampling", of=of,
+                                    overrides=(f"sampler={sampler}", f"sampling_steps={steps}")))
+        rows.append(Variant(f"{of}_clamp_{'off' if b.clamp_x0 else 'on'}", "sampling", of=of,
+                            overrides=(setting("clamp_x0", not b.clamp_x0),)))
+    return rows
+
+
+def variants(scale):
+    """Every variant of the study, in the report's order, with the relative changes taken from
+    the scale's baseline (ablate.py keeps the scale's subset)."""
+    b = make_config(dict(scale.presets).get("default", "default"))
+    return [
+        Variant("baseline", "baseline", seeds=(0, 1, 2)),
+        *path_variants(),
+        *one_at_a_time_variants(b),
+        *sampling_variants(b),
+        Variant("peer_diffusers_unet2d", "peer",
+                not_runnable="no architecture option for diffusers' UNet2DModel yet (config.py has no such field)",
+                note="diffusers' UNet2DModel in its DDPM CIFAR-10 configuration, trained by train.py"),
+    ]
