@@ -11,8 +11,8 @@ score it the same way, one JSON row per run in results.jsonl, then REPORT.md fro
     python ablate.py curve --points_kimg 125,250,500,1000   # the budget curve: one baseline run, 4 points
 
 Each run is a chain of subprocesses, so that a crash stays inside its run: train.py (--preset,
---set, --max_kimg = the budget, --seed), `ablate.py validation_loss` (train.py's fixed
-validation loss on the final weights), evaluate.py (the variant's own sampler, the study's number
+--set, --max_kimg = the budget, --seed; it measures its fixed validation loss on the final
+weights when the budget stops it), evaluate.py (the variant's own sampler, the study's number
 of samples) and generate.py (an 8x4 grid, seed 0 for every variant, so that grids compare). A
 `sampling` variant re-evaluates the run of the variant it names, with no training. A failed step
 gives a row with status "failed" and the step's last error line. Checkpoints go to
@@ -63,9 +63,7 @@ CURVE_FLAT = 0.25  # the budget curve's steep phase ends where the next point im
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("run", "report", "curve", "validation_loss") else "run"
-    if command == "validation_loss":
-        return validation_loss(argv)
+    command = argv.pop(0) if argv and argv[0] in ("run", "report", "curve") else "run"
     args = parse_args(command, argv)
     study = load_study(args.study, args.scale)
     if command == "report":
@@ -442,13 +440,9 @@ class Runner:
             raise RunFailed(f"train.py stopped at {train[-1]['images_seen'] if train else 0} images, "
                             f"before the budget of {budget_kimg * 1000:g}")
         last = train[-1]
-        # train.py validates at the end of an epoch; a budget that ends elsewhere is measured here.
         measured = next((r for r in records if r.get("kind") == "validation" and r["step"] == last["step"]), None)
         if measured is None:
-            measured = json.loads(self.step("validation_loss", [
-                "ablate.py", "validation_loss", "--checkpoint", os.path.join(run_dir, "latest_model.pth"),
-                "--validate_dataset_directory", self.args.validate_dataset_directory, "--device", slot[1]],
-                run_dir, slot).splitlines()[-1])
+            raise RunFailed(f"{run_dir}/log.jsonl has no validation at step {last['step']}, where the budget stopped it")
         return {"steps": last["step"], "images_seen": last["images_seen"],
                 "batch_size": last["images_seen"] // last["step"], "train_seconds": round(last["time"], 1), "img_per_s": round(last["images_seen"] / last["time"], 1),
                 "train_loss": last["train_loss"], "val_loss": measured["val_loss"],
@@ -950,37 +944,6 @@ def not_yet_run(study, stats, command):
             else:
                 lines.append(f"  - `{v.name}` (seeds {', '.join(map(str, seeds))}): {change_of(study, v)}")
     return lines + [""]
-
-
-# ---- the validation loss of a checkpoint ---------------------------------------------------------
-
-def validation_loss(argv):
-    """train.py's fixed validation loss (raw and EMA weights) of a checkpoint, as one JSON line.
-    train.py validates at the end of an epoch, and a budget rarely ends on one."""
-    p = ArgumentParser(description=validation_loss.__doc__)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--validate_dataset_directory", default="images/test_images_downsample")
-    p.add_argument("--validation_images", type=positive_int, default=1000)
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
-    import checkpoint
-    import train
-    from cli import pick_device
-    from dataset import load_image_folder
-    from unet import UNet
-    device = pick_device(args.device)
-    saved = checkpoint.read(args.checkpoint)
-    config = checkpoint.saved_config(saved)
-    images = load_image_folder(args.validate_dataset_directory)[:args.validation_images].to(device)
-    validation = train.fixed_validation_set(images, config, device)
-    autocast_dtype = train.set_precision("auto", device)
-    result = {"step": saved["step"]}
-    for weights, key in (("model", "val_loss"), ("ema", "val_loss_ema")):
-        model = UNet(config).to(device)
-        model.load_state_dict(saved[weights])
-        result[key] = train.evaluate_loss(model, *validation, config, autocast_dtype)
-    print(json.dumps(result))
-    return 0
 
 
 if __name__ == "__main__":

@@ -232,6 +232,7 @@ class RunFolder:
     writer: checkpoint.BackgroundWriter = dataclasses.field(default_factory=checkpoint.BackgroundWriter)
     latest_saved_at: float = dataclasses.field(default_factory=time.time)  # --save_minutes counts from here
     latest_saved_step: int = -1
+    validated_step: int = -1
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -411,7 +412,7 @@ def synchronize(device):
 def train(args, config, procs, state, train_step, train_images, validation, run, autocast_dtype):
     """Train until --num_epochs, --max_steps, --max_kimg, --max_minutes or Ctrl-C; returns the reason
     to stop (None: all epochs done). latest_model.pth is written every --save_minutes, at every
-    --save_every epoch, and at the stop."""
+    --save_every epoch, and at the stop; a stop at a limit validates the final weights too."""
     device, local_batch = procs.device, config.batch_size // procs.world_size
     mine = slice(procs.rank * local_batch, (procs.rank + 1) * local_batch)
     steps_per_epoch = len(train_images) // config.batch_size
@@ -455,6 +456,8 @@ def train(args, config, procs, state, train_step, train_images, validation, run,
             if state.batch_in_epoch == steps_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 end_epoch(args, config, procs, state, validation, run, bar, autocast_dtype)
+        if stop_reason not in (None, "interrupted") and run.validated_step != state.step:
+            validate(args, config, procs, state, validation, run, bar, autocast_dtype)  # a limit ends the run measured
         if run.latest_saved_step != state.step:  # the stop, unless the last epoch's end just wrote it
             save(run, "latest_model.pth", state, config, args.preset, procs)
         run.writer.finish()
@@ -553,26 +556,33 @@ def log_train(window, config, procs, state, run, bar):
 
 
 def end_epoch(args, config, procs, state, validation, run, bar, autocast_dtype):
-    """Validation every --validate_every epochs (and after the last), with the best EMA
-    checkpoint; a numbered checkpoint and latest_model.pth every --save_every epochs."""
-    epoch, images_seen = state.epoch, state.step * config.batch_size
+    """Validation every --validate_every epochs (and after the last); a numbered checkpoint and
+    latest_model.pth every --save_every epochs."""
+    epoch = state.epoch
     if epoch % args.validate_every == 0 or epoch == args.num_epochs:
-        val_loss = evaluate_loss(state.model, *validation, config, autocast_dtype)
-        val_loss_ema = evaluate_loss(state.ema, *validation, config, autocast_dtype)
-        if procs.master:
-            append_log(run.file("log.jsonl"), dict(kind="validation", step=state.step, epoch=epoch,
-                                                    images_seen=images_seen, val_loss=val_loss,
-                                                    val_loss_ema=val_loss_ema))
-            samples = preview_samples(state.ema, config, procs.device) if run.vis.online else None
-            run.vis.log_validation(images_seen, val_loss, val_loss_ema, samples)
-            draw_loss_curve(read_log(run.file("log.jsonl")), run.file("loss_curve.png"))
-            bar.write(f"epoch {epoch} step {state.step}: validation loss {val_loss:.4f} (EMA {val_loss_ema:.4f})")
-        if val_loss_ema < state.best_validation_loss:
-            state.best_validation_loss = val_loss_ema
-            save(run, "best_validation_checkpoint.pth", state, config, args.preset, procs)
+        validate(args, config, procs, state, validation, run, bar, autocast_dtype)
     if epoch % args.save_every == 0:
         save(run, f"{epoch}.pth", state, config, args.preset, procs)
         save(run, "latest_model.pth", state, config, args.preset, procs)
+
+
+def validate(args, config, procs, state, validation, run, bar, autocast_dtype):
+    """The fixed validation set's loss for the weights and their EMA, logged, and the best EMA
+    checkpoint."""
+    epoch, images_seen = state.epoch, state.step * config.batch_size
+    val_loss = evaluate_loss(state.model, *validation, config, autocast_dtype)
+    val_loss_ema = evaluate_loss(state.ema, *validation, config, autocast_dtype)
+    if procs.master:
+        append_log(run.file("log.jsonl"), dict(kind="validation", step=state.step, epoch=epoch,
+                                                images_seen=images_seen, val_loss=val_loss, val_loss_ema=val_loss_ema))
+        samples = preview_samples(state.ema, config, procs.device) if run.vis.online else None
+        run.vis.log_validation(images_seen, val_loss, val_loss_ema, samples)
+        draw_loss_curve(read_log(run.file("log.jsonl")), run.file("loss_curve.png"))
+        bar.write(f"epoch {epoch} step {state.step}: validation loss {val_loss:.4f} (EMA {val_loss_ema:.4f})")
+    if val_loss_ema < state.best_validation_loss:
+        state.best_validation_loss = val_loss_ema
+        save(run, "best_validation_checkpoint.pth", state, config, args.preset, procs)
+    run.validated_step = state.step
 
 
 def save(run, name, state, config, preset, procs):

@@ -444,3 +444,9 @@ def test_the_compile_cache_is_persistent_and_movable(monkeypatch, tmp_path):
     assert compile_cache_dir() == str(tmp_path / "simple_ddpm" / "torchinductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
     assert compile_cache_dir() == "/somewhere/else"
+
+
+@pytest.mark.slow
+def test_a_run_that_stops_at_a_limit_mid_epoch_is_validated_there(data, tmp_path):
+    train(data, tmp_path, "--max_kimg", 0.096, "--validate_every", 1000)  # 6 steps: an epoch is 4
+    assert [r["step"] for r in log_records(tmp_path, "validation")] == [6]
