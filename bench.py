@@ -30,6 +30,7 @@ from cli import ArgumentParser, UserError, atomic_write, make_folder, non_negati
 from config import make_config
 from diffusion import sample_alpha_bar, training_loss
 from generate import generate_images
+from plot_log import read_log
 from train import make_ema, make_optimizer, make_train_step, set_precision
 from unet import UNet
 
@@ -190,8 +191,7 @@ def loop_speed(minutes, out, bare_img_per_s):
 def loop_windows(log_path):
     """A train.py log's img/s over its 50-step windows after the first, and per window kind: quiet,
     or holding a validation or a checkpoint (the records between two train records)."""
-    with open(log_path) as f:
-        records = [json.loads(line) for line in f]
+    records = read_log(log_path)
     windows, events = [], []
     for r in records:
         if r["kind"] == "train":

@@ -318,26 +318,28 @@ def remaining_seconds(end, state, config, procs, autocast_dtype):
         candidates.append(end.seconds - state.train_seconds)
     step_ends = [n for n in (end.steps, end.epoch_steps) if n]
     if step_ends:
-        candidates.append((min(step_ends) - state.step) * eager_step_seconds(state.model, config, procs, autocast_dtype))
+        step = eager_step_seconds(state.model, config.batch_size // procs.world_size, procs.device, autocast_dtype)
+        candidates.append((min(step_ends) - state.step) * step * 1.2)  # + optimiser and EMA
     return min(candidates) if candidates else None
 
 
-def eager_step_seconds(model, config, procs, autocast_dtype, timed_steps=3):
+def eager_step_seconds(model, batch, device, autocast_dtype=None, timed_steps=3):
+    """Seconds of one eager forward and backward pass of a batch, timed on a copy of the model
+    after one untimed pass (which also picks cuDNN's algorithms); the training's random streams
+    are left untouched (exact resume)."""
     probe = copy.deepcopy(model).train()
-    batch = config.batch_size // procs.world_size
-    x = torch.zeros(batch, 3, 32, 32, device=procs.device)
-    alpha_bar = torch.full((batch,), 0.5, device=procs.device)
-    with torch.random.fork_rng(devices=[procs.device] if procs.device.type == "cuda" else []):
-        for i in range(1 + timed_steps):  # the first call also picks cuDNN's algorithms
+    x = torch.zeros(batch, 3, 32, 32, device=device)
+    alpha_bar = torch.full((batch,), 0.5, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i in range(1 + timed_steps):
             if i == 1:
-                synchronize(procs.device)
+                synchronize(device)
                 start = time.time()
-            with torch.autocast(procs.device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 loss = probe(x, alpha_bar).float().square().mean()
             loss.backward()
-        synchronize(procs.device)
-    return (time.time() - start) / timed_steps * 1.2  # + optimiser and EMA
+        synchronize(device)
+    return (time.time() - start) / timed_steps
 
 
 def compile_blocks(model):
@@ -700,15 +702,9 @@ def fits_on_device(images, device):
 
 
 def warn_cpu_speed(model, config, steps_per_epoch):
-    """Time two small steps on a copy of the model and extrapolate to an epoch."""
-    probe = copy.deepcopy(model).train()
-    x = torch.zeros(4, 3, 32, 32)
-    alpha_bar = torch.full((4,), 0.5)
-    with torch.random.fork_rng():  # leave the training's random stream untouched (exact resume)
-        for i in range(2):
-            start = time.time()
-            probe(x, alpha_bar).square().mean().backward()
-    seconds = (time.time() - start) / 4 * config.batch_size * steps_per_epoch * 1.3  # + optimiser, EMA
+    """Time a small step on a copy of the model and extrapolate to an epoch."""
+    seconds = eager_step_seconds(model, 4, torch.device("cpu"), timed_steps=1) / 4 * config.batch_size
+    seconds *= steps_per_epoch * 1.3  # + optimiser, EMA
     if seconds > 60:
         duration = f"{seconds / 3600:.1f} hours" if seconds > 5400 else f"{seconds / 60:.0f} minutes"
         print(f"warning: training on the CPU: about {duration} per epoch "

@@ -29,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, REPO)
 
 from cli import ArgumentParser, UserError, atomic_write, make_folder, non_negative_float, positive_int, run_main  # noqa: E402
+from plot_log import read_log  # noqa: E402
 
 
 def train(run_dir, args, extra, env=None, wait=True):
@@ -49,8 +50,7 @@ def train(run_dir, args, extra, env=None, wait=True):
 
 
 def train_records(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == "train"]
+    return [r for r in read_log(os.path.join(run_dir, "log.jsonl")) if r["kind"] == "train"]
 
 
 def measure_compile(args):
@@ -87,8 +87,8 @@ def measure_concurrency(args):
         seconds = time.time() - started
         if failed:
             raise UserError(f"train.py failed with {k} processes at once: see {args.out}/concurrent_{k}_{failed[0]}/train.out")
-        img_per_s = [train_records(os.path.join(args.out, f"concurrent_{k}_{i}"))[-1]["images_seen"] /
-                     train_records(os.path.join(args.out, f"concurrent_{k}_{i}"))[-1]["time"] for i in range(k)]
+        last = [train_records(os.path.join(args.out, f"concurrent_{k}_{i}"))[-1] for i in range(k)]
+        img_per_s = [r["images_seen"] / r["time"] for r in last]
         rows.append(dict(processes=k, seconds=seconds, runs_per_hour=k * 3600 / seconds,
                          img_per_s_each=img_per_s, img_per_s_total=sum(img_per_s)))
         print(rows[-1], flush=True)
