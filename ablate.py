@@ -49,8 +49,13 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 STUDY = os.path.join("ablations", "study.py")
 # Concurrent runs on one GPU. Not measured yet: the "time to quality" issue measures it on a GPU.
 RUNS_PER_GPU = 1
-# Concurrent runs on a CPU, each with cores / RUNS_PER_CPU threads. Measured on 2 shared cores
-# (tiny preset): two 1-thread runs trained at 41 img/s each, one 2-thread run at 13 img/s.
+# Concurrent runs on a CPU, each with cores / RUNS_PER_CPU threads. Measured with
+# `python tools/run_costs.py concurrency --device cpu` on 2 cores of an AMD EPYC (Zen 4), torch 2.14.1,
+# 2026-12-02, batch 64, eager, bf16 (the probe's choice): at preset tiny's width two 1-thread runs finished 1.38x the runs
+# per CPU-hour of one 2-thread run (254 against 183 img/s in all); at channels (32, 64, 64, 64), 0.96x
+# for 5 kimg runs, whose start (decoding the data set, the probe) ran twice at once, while training
+# itself ran 1.09x (88 against 81 img/s). Two runs at once, until the study's own scale measures better
+# (--runs_per_gpu overrides it).
 RUNS_PER_CPU = 2
 PRIMARY = "attribute_fd"  # the attribute network's feature distance; lower is better
 SECONDARY = [("swd_x1e3_avg", "SWD x1e3", ".1f"), ("attribute_tv_mean", "attribute TV", ".3f"),
@@ -89,6 +94,10 @@ def parse_args(command, argv):
     p.add_argument("--validate_dataset_directory", default="images/test_images_downsample",
                    help="train.py's validation images and evaluate.py's held-out set (the floor)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu, when --gpus is not given")
+    p.add_argument("--precision", default="fp32", choices=["bf16", "fp32"],
+                   help="one precision for every run of the study, training and sampling, with contiguous "
+                        "activations (default fp32: the same numbers on every CPU, to rounding; bf16 is faster where "
+                        "the CPU has it natively, see docs/bench_cpu.md)")
     p.add_argument("--gpus", type=comma_list(non_negative_int), help="GPU indices, e.g. 0,1,2,3: one worker per GPU")
     p.add_argument("--runs_per_gpu", type=positive_int,
                    help=f"concurrent runs per GPU (default {RUNS_PER_GPU}) or on the CPU (default {RUNS_PER_CPU})")
@@ -390,7 +399,8 @@ class Runner:
                    overrides=[*trained.overrides, *(v.overrides if v.of else ())], of=v.of or None, seed=seed,
                    budget_kimg=budget_kimg, num_samples=self.num_samples, batch_size=None, steps=None,
                    images_seen=None, date=datetime.datetime.now().isoformat(timespec="seconds"), **self.facts,
-                   device=slot[1], gpu=gpu_name(slot), cpu=cpu_name(), status="ok", reason=None,
+                   device=slot[1], precision=self.args.precision, gpu=gpu_name(slot), cpu=cpu_name(), status="ok",
+                   reason=None,
                    step_seconds=self.local.seconds)
         started = time.time()
         try:
@@ -428,7 +438,9 @@ class Runner:
         self.step("train.py", [
             "train.py", "--preset", self.study.preset(v), *[a for o in v.overrides for a in ("--set", o)],
             *(["--fresh"] if fresh else []), "--max_kimg", budget_kimg, "--seed", seed, "--model_checkpoint_dir",
-            run_dir, "--no_visdom", "--device", slot[1], "--log_every", LOG_EVERY, "--save_every", 10 ** 6,
+            run_dir, "--no_visdom", "--device", slot[1], "--precision", self.args.precision, "--layout", "contiguous",
+            "--log_every", LOG_EVERY,
+            "--save_every", 10 ** 6,
             "--train_dataset_directory", self.args.train_dataset_directory,
             "--validate_dataset_directory", self.args.validate_dataset_directory], run_dir, slot)
         # The study scores the final weights; train.py's best-validation copy would double each run's disk.
@@ -457,13 +469,16 @@ class Runner:
         self.step("evaluate.py", [
             "evaluate.py", "--checkpoint", checkpoint, "--num_samples", self.num_samples, "--output_json", report_path,
             "--reference_dir", self.args.train_dataset_directory, "--test_dir", self.args.validate_dataset_directory,
-            "--no_download", "--seed", seed, "--device", slot[1], *sampler], run_dir, slot)
+            "--no_download", "--seed", seed, "--device", slot[1], "--precision", self.args.precision, "--layout", "contiguous",
+            *sampler],
+            run_dir, slot)
         with open(report_path) as f:
             report = json.load(f)
         grid_dir = os.path.join(run_dir, f"grid_{v.name}")
         self.step("generate.py", [
             "generate.py", "--checkpoint", checkpoint, "--n", 8, "--m", 4, "--seed", GRID_SEED,
-            "--generated_image_save_dir", grid_dir, "--overwrite", "--device", slot[1], *sampler], run_dir, slot)
+            "--generated_image_save_dir", grid_dir, "--overwrite", "--device", slot[1], "--precision",
+            self.args.precision, "--layout", "contiguous", *sampler], run_dir, slot)
         grid = os.path.join("grids", f"{v.name}_seed{seed}.png")
         os.makedirs(os.path.join(self.out, "grids"), exist_ok=True)
         shutil.copyfile(os.path.join(grid_dir, "generated_images_8x4.png"), os.path.join(self.out, grid))
@@ -609,12 +624,8 @@ def gpu_name(slot):
 
 
 def cpu_name():
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU ({line.split(':', 1)[1].strip()}, {os.cpu_count()} cores)"
-    return f"CPU ({os.cpu_count()} cores)"
+    from speed import cpu_info
+    return f"CPU ({cpu_info()[0]}, {os.cpu_count()} cores)"
 
 
 def fmt(value, spec=".3g"):

@@ -81,8 +81,8 @@ RANGES = {
     "ema_decay": (0.0, 1.0, "[)"),
     "warmup_steps": (0, None, "[)"),
     "grad_clip": (0.0, None, "[)"),
-    "sampling_steps": (1, None, "[)"),
-    "eta": (0.0, None, "[)"),
+    "sampling_steps": (1, 1000, "[]"),  # the 1,000 steps of the training noise schedule (diffusion.py)
+    "eta": (0.0, 1.0, "[]"),  # above 1 DDIM's step variance exceeds what the step leaves (NaN)
 }
 
 PRESETS = {

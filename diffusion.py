@@ -153,23 +153,34 @@ def sampler_name(config):
 
 
 @torch.no_grad()
-def sample(model, config, num_images, generator=None, device="cpu", progress=False):
+def sample(model, config, num_images, generator=None, device="cpu", progress=False, autocast_dtype=None):
     """Draw num_images samples in the data range with the configuration's sampler, steps, eta and
-    clamping (to sample otherwise, pass dataclasses.replace(config, sampler=...)).
+    clamping (to sample otherwise, pass dataclasses.replace(config, sampler=...)), the network under
+    autocast_dtype (bf16, or None: fp32).
 
-    The network is given alpha_bar of the scheduler's current step, whatever the sampler."""
+    generator: one generator for the batch, or a list of one per image: then image i's start
+    noise and every step noise it gets come from generator[i] alone, so an image does not depend
+    on the batch it is drawn in. The network is given alpha_bar of the scheduler's current step,
+    whatever the sampler."""
     scheduler = make_scheduler(config)
+    device = torch.device(device)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     low, high = data_bounds(config)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
     step_kwargs = dict(eta=config.eta) if config.sampler == "ddim" else {}
 
-    x = torch.randn((num_images, 3, 32, 32), generator=generator, device=generator.device if generator else device)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != num_images:
+            raise ValueError(f"{len(generator)} generators for {num_images} images")
+        x = torch.cat([torch.randn((1, 3, 32, 32), generator=g, device=g.device) for g in generator])
+        generator = list(generator)
+    else:
+        x = torch.randn((num_images, 3, 32, 32), generator=generator, device=generator.device if generator else device)
     x = x.to(device) * scheduler.init_noise_sigma
     for t in tqdm(scheduler.timesteps, desc=sampler_name(config), disable=not progress, leave=False):
         alpha_bar = alphas_cumprod[t].expand(num_images)
         with autocast:
-            prediction = model(x, alpha_bar).float()
+            prediction = model(x, alpha_bar).float().contiguous()  # contiguous: from a channels_last network too
         if config.clamp_x0:
             x0, _ = x0_and_eps_of(config, prediction, x, alpha_bar)
             prediction = x0.clamp(low, high)

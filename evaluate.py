@@ -70,7 +70,7 @@ from cli import ArgumentParser, UserError, atomic_write, output_file, pick_devic
 from config import config_to_dict
 from dataset import DatasetError, load_image_folder
 from diffusion import sampler_settings
-from generate import add_sampler_arguments, generate_images, load_model
+from generate import add_sampler_arguments, generate_images, load_model, sampling_plan
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # The TensorFlow FID Inception weights as converted by pytorch-fid; torch-fidelity's
@@ -155,11 +155,13 @@ def run(args):
                          f"and {args.test_dir} has {len(test)} images")
             print(notes[-1])
         model, config = load_model(args, device)
+        plan = sampling_plan(args, config, device, n)
+        print(f"sampling in {plan.describe()}")
         samples = generate_images(model, config, n, seed=args.seed, batch_size=args.batch_size, device=device,
-                                  progress=True, compile=args.compile)
+                                  progress=True, compile=args.compile, plan=plan)
         report["samples"] = {"checkpoint": args.checkpoint, "images": n}
         report["sampler"] = {**sampler_settings(config), "seed": args.seed, "batch_size": args.batch_size,
-                             "ema": not args.no_ema}
+                             "ema": not args.no_ema, "precision": plan.precision, "layout": plan.layout}
         report["config"] = config_to_dict(config)
     else:
         samples = load_folder(args.image_dir, "--image_dir", args.skip_bad_images)

@@ -6,17 +6,22 @@
 The grid has n columns and m rows of 32x32 images and no padding: (32 n) x (32 m) pixels.
 Unset sampler flags take the values saved in the checkpoint's configuration.
 """
+import argparse
+import contextlib
+import hashlib
+import math
 import os
 
 import torch
 from tqdm import tqdm
 
 from checkpoint import load_for_sampling
-from cli import (ArgumentParser, UserError, atomic_write, compile_cache_dir, make_folder, non_negative_float,
+from cli import (ArgumentParser, UserError, atomic_write, compile_cache_dir, make_folder,
                  parse_bool, pick_device, positive_int, random_seed, run_main)
-from config import CHOICES
+from config import CHOICES, ConfigError, parse_value
 from dataset import to_uint8
-from diffusion import sample, sampler_name
+from diffusion import make_scheduler, sample, sampler_name
+from speed import CompileLedger, choose_plan, compile_plan, cpp_compiler, sampling_batch
 
 COMPILE_FROM = 2000  # fewer images do not repay compiling (about a minute)
 
@@ -25,17 +30,38 @@ def add_sampler_arguments(parser):
     """The sampling flags shared by generate.py and evaluate.py."""
     parser.add_argument("--sampler", choices=CHOICES["sampler"], default=None,
                         help="ddpm (ancestral), ddim or dpm (DPM-Solver++ 2M); default: the checkpoint's")
-    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps; default: the checkpoint's")
-    parser.add_argument("--eta", type=non_negative_float, default=None,
-                        help="DDIM's eta (0: deterministic, 1: like DDPM); default: the checkpoint's")
+    parser.add_argument("--steps", type=config_type("sampling_steps"), default=None,
+                        help="sampling steps, 1 to 1000; default: the checkpoint's")
+    parser.add_argument("--eta", type=config_type("eta"), default=None,
+                        help="DDIM's eta, 0 to 1 (0: deterministic, 1: like DDPM); default: the checkpoint's")
     parser.add_argument("--clamp", type=parse_bool, default=None, metavar="on|off",
                         help="clamp the predicted x0 at each step; default: the checkpoint's")
-    parser.add_argument("--seed", type=random_seed, default=0, help="same seed and --batch_size, same images")
-    parser.add_argument("--batch_size", type=positive_int, default=1000, help="images sampled at once")
+    parser.add_argument("--seed", type=random_seed, default=0,
+                        help="same seed, same images, whatever --batch_size (image i has its own random stream), "
+                             "except with norm=batch and bn_sampling_stats=batch, which normalise by the batch")
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help="images per network call (default: 1000 on CUDA, 128 on the CPU, where larger batches "
+                             "run slower); it does not change the images")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="auto: bf16 on CUDA; on the CPU the faster of bf16 and fp32 for this network, measured "
+                             "(speed.py). bf16 changes the numbers slightly: a study pins one precision for all its rows")
+    parser.add_argument("--layout", default="auto", choices=["auto", "contiguous", "channels_last"],
+                        help="the activations' memory layout (auto: by the same measurement)")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                        help=f"torch.compile the network (auto: on CUDA for {COMPILE_FROM:,} images or more)")
+                        help=f"torch.compile the network (auto: on CUDA for {COMPILE_FROM:,} images or more; on the "
+                             f"CPU when it saves more time than it costs, speed.compile_plan)")
     parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their EMA")
     parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu | mps")
+
+
+def config_type(field):
+    """An argparse type that checks a sampler flag as --set checks its configuration field."""
+    def check(text):
+        try:
+            return parse_value(field, text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return check
 
 
 def load_model(args, device):
@@ -44,23 +70,79 @@ def load_model(args, device):
                              sampling_steps=args.steps, eta=args.eta, clamp_x0=args.clamp)
 
 
-def generate_images(model, config, num_images, seed=0, batch_size=1000, device="cpu", progress=True, compile="off"):
+def sampling_plan(args, config, device, num_images):
+    """speed.choose_plan for the sampling flags (--precision, --batch_size)."""
+    batch_size = min(args.batch_size or sampling_batch(device), num_images)
+    return choose_plan(args.precision, config, device, batch_size, kind="sample", layout=args.layout)
+
+
+def generate_images(model, config, num_images, seed=0, batch_size=None, device="cpu", progress=True, compile="off",
+                    plan=None):
     """num_images samples with the configuration's sampler, as a uint8 tensor N x 3 x 32 x 32 on
-    the CPU. Every batch is sampled whole, the last one too (and cut), so a compiled network sees
-    one shape, and more images with the same seed and batch size extend fewer."""
-    batch_size = min(batch_size, num_images)
-    if compile == "on" or (compile == "auto" and torch.device(device).type == "cuda" and num_images >= COMPILE_FROM):
+    the CPU. Image i comes from its own random stream (image_generators), so the same seed gives
+    the same images whatever the batch size, and more images extend fewer. The network runs in
+    the plan's precision and layout (default: speed.choose_plan's auto). Every batch is sampled whole,
+    the last one too (and cut), so a compiled network sees one shape."""
+    device = torch.device(device)
+    batch_size = min(batch_size or sampling_batch(device), num_images)
+    plan = plan or choose_plan("auto", config, device, batch_size, kind="sample")
+    model = plan.apply(model)
+    ledger = CompileLedger(model, device, batch_size, plan, kind="sample")
+    compiled, why = sampling_compile(compile, config, num_images, batch_size, device, plan, ledger)
+    if progress:
+        print(f"torch.compile: {'on' if compiled else 'off'} ({why})", flush=True)
+    if compiled:
         compile_cache_dir()
-        model = torch.compile(model.to(memory_format=torch.channels_last), dynamic=False)
-    generator = torch.Generator().manual_seed(seed)
+        if device.type == "cpu" and cpp_compiler() is None:
+            raise UserError("--compile on --device cpu: inductor's CPU backend needs a C++ compiler (g++ or clang++) "
+                            "and none is on PATH; install one or pass --compile off")
+    network = ledger.timing(torch.compile(model, dynamic=False) if compiled else model, "whole" if compiled else "off")
     images = []
     with tqdm(total=num_images, desc="sampling", unit="img", disable=not progress) as bar:
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
-            x = sample(model, config, batch_size, generator=generator, device=device, progress=progress)
+            x = sample(network, config, batch_size, generator=image_generators(seed, start, batch_size), device=device,
+                       progress=progress, autocast_dtype=plan.autocast_dtype)
             images.append(to_uint8(x[:n], config).cpu())
             bar.update(n)
     return torch.cat(images)
+
+
+def sampling_compile(compile, config, num_images, batch_size, device, plan, ledger):
+    """(compile or not, why): --compile on|off; auto: on CUDA from COMPILE_FROM images; on the CPU
+    by speed.compile_plan, for a run of this many network calls at the plan's measured speed."""
+    if compile != "auto":
+        return compile == "on", f"--compile {compile}"
+    if device.type == "cuda":
+        return num_images >= COMPILE_FROM, f"auto: on CUDA from {COMPILE_FROM:,} images"
+    per_image = plan.timings.get(f"{plan.precision}/{plan.layout}")
+    if per_image is None:
+        return False, "auto: not measured (--precision and --layout given)"
+    calls = math.ceil(num_images / batch_size) * len(make_scheduler(config).timesteps)
+    mode, why = compile_plan(device, per_image * batch_size * calls, ledger.expected_seconds,
+                             lambda: ledger.expected_gain(per_image * batch_size))
+    return mode == "whole", why
+
+
+def image_generators(seed, first, count):
+    """One generator per image, images first .. first + count - 1 of `seed`: image i's stream is
+    seeded from (seed, i) alone."""
+    def stream(i):
+        digest = hashlib.sha256(f"sample/{seed}/{i}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return [stream(i) for i in range(first, first + count)]
+
+
+def check_grid_size(n, m):
+    """A grid that fits in memory (the samples and the picture, about 3 x 3 KB an image) and in a PNG."""
+    needed = 3 * 3 * 32 * 32 * n * m
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if needed > memory / 2:
+            raise UserError(f"--n {n} --m {m}: {n * m:,} images need about {needed / 2 ** 30:.0f} GiB, more than half "
+                            f"of this machine's memory; ask for a smaller grid")
+    if 32 * max(n, m) > 2 ** 31 - 1:
+        raise UserError(f"--n {n} --m {m}: a PNG is at most 2**31 - 1 pixels on a side; ask for a smaller grid")
 
 
 def save_grid(images, n, m, path):
@@ -80,6 +162,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing grid of the same size")
     add_sampler_arguments(parser)
     args = parser.parse_args(argv)
+    check_grid_size(args.n, args.m)
     path = os.path.join(args.generated_image_save_dir, f"generated_images_{args.n}x{args.m}.png")
     if os.path.exists(path) and not args.overwrite:
         raise UserError(f"{path} exists: pass --overwrite to replace it, or another --generated_image_save_dir")
@@ -87,9 +170,11 @@ def main(argv=None):
     device = pick_device(args.device)
     model, config = load_model(args, device)
     make_folder(args.generated_image_save_dir, "--generated_image_save_dir")
-    print(f"{args.checkpoint}: sampling {args.n * args.m} images with {sampler_name(config)} on {device}")
+    plan = sampling_plan(args, config, device, args.n * args.m)
+    print(f"{args.checkpoint}: sampling {args.n * args.m} images with {sampler_name(config)} on {device}, "
+          f"{plan.describe()}")
     images = generate_images(model, config, args.n * args.m, seed=args.seed, batch_size=args.batch_size,
-                             device=device, compile=args.compile)
+                             device=device, compile=args.compile, plan=plan)
     save_grid(images, args.n, args.m, path)
     print(f"wrote {path} ({32 * args.n}x{32 * args.m} pixels)")
     return 0

@@ -13,7 +13,6 @@ exits.
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -33,7 +32,9 @@ from config import PRESETS, config_text, config_to_dict, make_config
 from dataset import augment, load_image_folder, normalise, to_uint8
 from diffusion import sample, sample_alpha_bar, training_loss, validation_loss
 from plot_log import draw_loss_curve, read_log
-from unet import Stage, UNet, count_parameters, forward_flops
+from speed import (PROBE_BATCH, CompileLedger, autocast, choose_plan, compile_blocks, compile_plan, cpp_compiler,
+                   machine, sampling_batch, time_network)
+from unet import UNet, check_network, count_parameters, forward_flops
 from visdom_logger import VisdomLogger
 
 
@@ -71,7 +72,13 @@ def parse_args(argv=None):
     p.add_argument("--compile", default="auto", choices=["auto", "whole", "regional", "off", "on"],
                    help="torch.compile the whole network, or each block (regional), or not; on = whole; "
                         "auto: the fastest for the run's known length (compile_plan)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on CUDA")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast on CUDA; on the CPU, bf16 or fp32 and the activation layout by a "
+                        "measurement of this network (speed.py), logged at the start. bf16 changes the numbers "
+                        "slightly: a study pins one precision for all its rows")
+    p.add_argument("--layout", default="auto", choices=["auto", "contiguous", "channels_last"],
+                   help="the activations' memory layout; auto: channels_last on CUDA, on the CPU the faster by the "
+                        "same measurement as --precision auto")
     p.add_argument("--log_every", type=positive_int, default=50, help="optimiser steps between loss read-backs")
     p.add_argument("--validation_images", type=positive_int, default=1000, help="size of the fixed validation set")
     args = p.parse_args(argv)
@@ -80,6 +87,7 @@ def parse_args(argv=None):
 
 
 SEED_NUM_EPOCHS = 5000
+IMAGE_SIZE = 32  # dataset.py refuses any other size
 
 
 def main(argv=None):
@@ -88,10 +96,12 @@ def main(argv=None):
     procs = start_processes(args.device)
     latest_path = os.path.join(args.model_checkpoint_dir, "latest_model.pth")
     config, resume_from = configure(args, argv, latest_path, procs)
-    autocast_dtype = set_precision(args.precision, procs.device)
+    check_compile(args.compile, procs.device)
+    set_precision(procs.device)
     torch.manual_seed(args.seed)
     train_images, val_images = load_data(args, config, procs)
-    state = build_state(config, procs, args.seed)
+    plan = choose_training_plan(args, config, procs)
+    state = build_state(config, procs, args.seed, plan)
     if resume_from is not None:
         state.restore(resume_from)
         procs.say(f"resuming {latest_path}: epoch {state.epoch}, step {state.step}")
@@ -99,16 +109,21 @@ def main(argv=None):
     run = open_run_folder(args, config, procs, state)
     procs.say(f"configuration (preset {args.preset}):\n{config_text(config)}")
     procs.say(f"model: {count_parameters(state.model):,} parameters, {run.flops_per_image / 1e9:.1f} "
-              f"GFLOP per training image; device {procs.device}{procs.describe()}, "
-              f"precision {'bf16' if autocast_dtype else 'fp32'}")
+              f"GFLOP per training image; device {procs.device}{procs.describe()}")
+    procs.say(f"precision and layout: {plan.describe()}")
     procs.say(f"data: {len(train_images):,} train images from {args.train_dataset_directory}, "
               f"{len(val_images):,} validation images from {args.validate_dataset_directory}; "
               f"{len(train_images) // config.batch_size} steps of {config.batch_size} per epoch")
+    steps_per_epoch = len(train_images) // config.batch_size
     if procs.device.type == "cpu" and procs.master:
-        warn_cpu_speed(state.model, config, len(train_images) // config.batch_size)
+        warn_cpu_speed(step_seconds(config, procs, plan, state), plan, config, steps_per_epoch)
 
-    train_step = distributed_compiled_step(args, config, procs, state, autocast_dtype, len(train_images))
-    stop_reason = train(args, config, procs, state, train_step, train_images, validation, run, autocast_dtype)
+    train_step, compiled = distributed_compiled_step(args, config, procs, state, plan, steps_per_epoch)
+    if procs.master:
+        append_log(run.file("log.jsonl"), dict(kind="plan", step=state.step, device=str(procs.device),
+                                               machine=machine(procs.device), torch=torch.__version__,
+                                               compile=compiled, **plan.record()))
+    stop_reason = train(args, config, procs, state, train_step, train_images, validation, run, plan)
     procs.say(f"stopped: {stop_reason or f'finished {args.num_epochs} epochs'}; epoch {state.epoch}, "
               f"step {state.step}; checkpoint {latest_path}")
     if procs.ddp:
@@ -160,6 +175,7 @@ def configure(args, argv, latest_path, procs):
     if args.batch_size is not None:
         overrides.append(f"batch_size={args.batch_size}")
     config = make_config(args.preset, overrides)
+    check_network(config, IMAGE_SIZE)  # before the data is read
     resume_from = None
     if os.path.exists(latest_path) and not args.fresh:
         resume_from = checkpoint.read(latest_path)
@@ -175,13 +191,29 @@ def configure(args, argv, latest_path, procs):
     return config, resume_from
 
 
-def set_precision(precision, device):
-    """The autocast dtype (None: full fp32), and TF32 and cuDNN's autotuner on CUDA."""
+def set_precision(device):
+    """TF32 and cuDNN's autotuner on CUDA (the autocast precision is the Plan's: speed.choose_plan)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+
+
+def choose_training_plan(args, config, procs):
+    """speed.choose_plan on rank 0 (which says first what it measures), the same plan for every
+    process. It forks the random streams, so it may run after torch.manual_seed."""
+    plan = None
+    if procs.master:
+        if procs.device.type == "cpu" and "auto" in (args.precision, args.layout):
+            print("precision and layout: timing a few passes of this network for each candidate (speed.py; "
+                  "remembered for the next run)", flush=True)
+        plan = choose_plan(args.precision, config, procs.device, config.batch_size // procs.world_size,
+                           layout=args.layout)
+    if procs.ddp:
+        shared = [plan]
+        dist.broadcast_object_list(shared, src=0)
+        plan = shared[0]
+    return plan
 
 
 def load_data(args, config, procs):
@@ -198,11 +230,9 @@ def load_data(args, config, procs):
     return train_images, val_images.to(procs.device)
 
 
-def build_state(config, procs, seed):
-    """A fresh model, its EMA, the optimiser and the training noise generator."""
-    model = UNet(config).to(procs.device)
-    if procs.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+def build_state(config, procs, seed, plan):
+    """A fresh model in the plan's layout, its EMA, the optimiser and the training noise generator."""
+    model = plan.apply(UNet(config).to(procs.device))
     if procs.ddp and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         if procs.device.type == "cuda":  # statistics over the global batch, as one process would compute them
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -260,158 +290,76 @@ def open_run_folder(args, config, procs, state):
     return run
 
 
-def distributed_compiled_step(args, config, procs, state, autocast_dtype, num_train_images):
-    """make_train_step on the model wrapped in DistributedDataParallel under torchrun, and
-    torch.compile'd as --compile says (auto: compile_plan)."""
+def distributed_compiled_step(args, config, procs, state, plan, steps_per_epoch):
+    """(step, compile mode): make_train_step on the model wrapped in DistributedDataParallel under
+    torchrun, and torch.compile'd as --compile says (auto: compile_plan)."""
     train_model = state.model
     if procs.ddp:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
-    ledger = CompileLedger(state.model, config, procs, autocast_dtype)
+    ledger = CompileLedger(state.model, procs.device, config.batch_size // procs.world_size, plan, procs.world_size)
     mode, why = {"on": ("whole", "--compile on"), "auto": (None, None)}.get(args.compile, (args.compile, "--compile"))
     if mode is None:
-        end = RunEnd.of(args, config, num_train_images // config.batch_size)
-        mode, why = compile_plan(procs.device, remaining_seconds(end, state, config, procs, autocast_dtype),
-                                 ledger.expected_seconds)
+        end = RunEnd.of(args, config, steps_per_epoch)
+        per_image = plan.timings.get(f"{plan.precision}/{plan.layout}")
+        eager = per_image and per_image * (config.batch_size // procs.world_size) * STEP_OVERHEAD
+        mode, why = compile_plan(procs.device, remaining_seconds(end, state, config, procs, plan),
+                                 ledger.expected_seconds, lambda: ledger.expected_gain(eager))
+    if procs.ddp:  # every process compiles as rank 0 decided
+        shared = [(mode, why)]
+        dist.broadcast_object_list(shared, src=0)
+        mode, why = shared[0]
     procs.say(f"torch.compile: {mode} ({why}); cache {compile_cache_dir()}")
     if mode == "whole":
         train_model = torch.compile(train_model)
     elif mode == "regional":
         compile_blocks(state.model)  # in place: DistributedDataParallel holds the same module
-    step = make_train_step(train_model, state.model, state.ema, state.optimizer, config, autocast_dtype)
-    return step if mode == "off" else ledger.timing_first_call(step, mode)
+    step = make_train_step(train_model, state.model, state.ema, state.optimizer, config, plan.autocast_dtype)
+    return ledger.timing(step, mode, record=procs.master), mode
 
 
-# ---- torch.compile where it pays -----------------------------------------------------------------
-
-# The whole default network compiled with an empty cache: its first 50 steps took 107 s on one
-# H200 (issue 13). Until a graph has been compiled on this machine, auto expects this, for either
-# mode; afterwards it expects what the CompileLedger measured.
-COLD_COMPILE_SECONDS = 110
-COMPILE_SHARE = 0.10  # auto spends at most this share of a run's known length compiling
-
-
-def compile_plan(device, run_seconds, expected_seconds):
-    """--compile auto: (mode, reason). Off CUDA: off (inductor's CPU code has not paid for these
-    small convolutions). On CUDA: whole when its expected compile time is at most COMPILE_SHARE
-    of the run's known length, else regional when its is, else off; a run with no known length
-    compiles whole. whole comes first: compiled whole, the default network's step ran at 6,088
-    img/s on an H100 (bench.py, row 4), against about 3,700 eager on an H200 (issue 13); regional's
-    steady speed is not measured yet (tools/run_costs.py compile measures all three)."""
-    if device.type != "cuda":
-        return "off", f"auto: {device.type}"
-    if run_seconds is None:
-        return "whole", "auto: the run has no known end"
-    for mode in ("whole", "regional"):
-        if expected_seconds(mode) <= COMPILE_SHARE * run_seconds:
-            return mode, (f"auto: expect {expected_seconds(mode):.0f} s of compiling in a run of "
-                          f"{run_seconds:.0f} s")
-    return "off", (f"auto: compiling (expect {expected_seconds('regional'):.0f} s) would take more than "
-                   f"{COMPILE_SHARE:.0%} of this run's {run_seconds:.0f} s")
+def check_compile(flag, device):
+    """--compile whole|regional|on where torch.compile cannot work: a one-line error, up front."""
+    if flag in ("auto", "off"):
+        return
+    if device.type == "cpu" and cpp_compiler() is None:
+        raise UserError(f"--compile {flag} --device cpu: inductor's CPU backend needs a C++ compiler (g++ or clang++) "
+                        f"and none is on PATH; install one or pass --compile off")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--compile {flag}: torch.compile is not supported here on {device.type}; pass --compile off")
 
 
-def remaining_seconds(end, state, config, procs, autocast_dtype):
+STEP_OVERHEAD = 1.2  # a training step (optimiser, EMA, the batch) over the network's forward and backward
+
+
+def step_seconds(config, procs, plan, state):
+    """Expected seconds of one training step: the plan's measurement on the CPU, else (CUDA, or
+    the CPU with --precision and --layout given) three eager steps of a copy of the model, timed
+    here, at most PROBE_BATCH images on the CPU; times STEP_OVERHEAD."""
+    batch = config.batch_size // procs.world_size
+    per_image = plan.timings.get(f"{plan.precision}/{plan.layout}")
+    if per_image is None:
+        timed = batch if procs.device.type == "cuda" else min(batch, PROBE_BATCH)
+        per_image = time_network(state.model, timed, procs.device, "train", plan.autocast_dtype, plan.channels_last,
+                                 timed_steps=3) / timed
+    return per_image * batch * STEP_OVERHEAD
+
+
+def remaining_seconds(end, state, config, procs, plan):
     """The run's known remaining length in seconds, None when unknown: --max_minutes directly;
-    steps at the speed of three eager steps of a copy of the model, timed here."""
+    steps at the expected speed of a step (step_seconds)."""
     candidates = []
     if end.seconds:
         candidates.append(end.seconds - state.train_seconds)
     step_ends = [n for n in (end.steps, end.epoch_steps) if n]
     if step_ends:
-        step = eager_step_seconds(state.model, config.batch_size // procs.world_size, procs.device, autocast_dtype)
-        candidates.append((min(step_ends) - state.step) * step * 1.2)  # + optimiser and EMA
+        candidates.append((min(step_ends) - state.step) * step_seconds(config, procs, plan, state))
     return min(candidates) if candidates else None
-
-
-def eager_step_seconds(model, batch, device, autocast_dtype=None, timed_steps=3):
-    """Seconds of one eager forward and backward pass of a batch, timed on a copy of the model
-    after one untimed pass (which also picks cuDNN's algorithms); the training's random streams
-    are left untouched (exact resume)."""
-    probe = copy.deepcopy(model).train()
-    x = torch.zeros(batch, 3, 32, 32, device=device)
-    alpha_bar = torch.full((batch,), 0.5, device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for i in range(1 + timed_steps):
-            if i == 1:
-                synchronize(device)
-                start = time.time()
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss = probe(x, alpha_bar).float().square().mean()
-            loss.backward()
-        synchronize(device)
-    return (time.time() - start) / timed_steps
-
-
-def compile_blocks(model):
-    """Regional compilation: each Stage (ResBlock and its attention) compiled in place. Stages of
-    the same widths and resolution share one compiled graph, so the network compiles once per
-    distinct block instead of as one large graph."""
-    import torch._dynamo
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per distinct block
-    for module in model.modules():
-        if isinstance(module, Stage):
-            module.compile(dynamic=False)
-
-
-class CompileLedger:
-    """How long the first step took, per graph and mode, in <compile cache>/simple_ddpm_compile_seconds.json:
-    what compile_plan expects next time, when the cache holds the graph. A graph is the network's
-    layers (its repr: a learning rate or a sampler changes nothing compiled), the batch per
-    process, the precision, the card and torch's version."""
-
-    def __init__(self, model, config, procs, autocast_dtype):
-        name = torch.cuda.get_device_name(procs.device) if procs.device.type == "cuda" else procs.device.type
-        graph = [repr(model), config.batch_size // procs.world_size, str(autocast_dtype), name, torch.__version__,
-                 procs.world_size]
-        self.key = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:16]
-        self.path = os.path.join(compile_cache_dir(), "simple_ddpm_compile_seconds.json")
-        self.master = procs.master
-
-    def read(self):
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-
-    def expected_seconds(self, mode):
-        return self.read().get(self.key, {}).get(mode, COLD_COMPILE_SECONDS)
-
-    def record(self, mode, seconds):
-        if not self.master:
-            return
-        ledger = self.read()
-        ledger.setdefault(self.key, {})[mode] = round(seconds, 1)
-        with contextlib.suppress(OSError):
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with atomic_write(self.path, "w") as f:
-                json.dump(ledger, f, indent=1)
-
-    def timing_first_call(self, step, mode):
-        """The step, whose first call (the one that compiles) is timed and recorded."""
-        first = [True]
-
-        def timed_step(*args):
-            if not first:
-                return step(*args)
-            start = time.time()
-            loss = step(*args)
-            synchronize(loss.device)
-            self.record(mode, time.time() - start)
-            first.clear()
-            return loss
-
-        return timed_step
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
 
-def train(args, config, procs, state, train_step, train_images, validation, run, autocast_dtype):
+def train(args, config, procs, state, train_step, train_images, validation, run, plan):
     """Train until --num_epochs, --max_steps, --max_kimg, --max_minutes or Ctrl-C; returns the reason
     to stop (None: all epochs done). latest_model.pth is written every --save_minutes, at every
     --save_every epoch, and at the stop; a stop at a limit validates the final weights too."""
@@ -425,8 +373,12 @@ def train(args, config, procs, state, train_step, train_images, validation, run,
     window = LogWindow(device)
     clock = Clock(procs, state.train_seconds)
     stop_reason = None
-    with tqdm(total=steps_per_epoch * args.num_epochs, initial=state.epoch * steps_per_epoch + state.batch_in_epoch,
-              disable=not procs.master, unit="step", dynamic_ncols=True) as bar:
+    start_step, start_seconds = state.step, state.train_seconds
+    estimate = plan.timings.get(f"{plan.precision}/{plan.layout}")
+    estimate = estimate and estimate * (config.batch_size // procs.world_size) * STEP_OVERHEAD
+    total = lambda per_step: end.last_step(state.step, state.train_seconds, steps_per_epoch * args.num_epochs, per_step)
+    with tqdm(total=total(estimate), initial=state.step, disable=not procs.master, unit="step",
+              dynamic_ncols=True) as bar:
         while state.epoch < args.num_epochs and stop_reason is None:
             order = torch.randperm(len(train_images),
                                    generator=torch.Generator().manual_seed(args.seed * 1_000_003 + state.epoch))
@@ -451,15 +403,17 @@ def train(args, config, procs, state, train_step, train_images, validation, run,
                 last_step = state.epoch == args.num_epochs - 1 and state.batch_in_epoch == steps_per_epoch
                 if log_step or stop_reason or last_step:
                     log_train(window, config, procs, state, run, bar)
+                    if end.seconds:  # --max_minutes: the end in steps, at the speed so far
+                        bar.total = total((state.train_seconds - start_seconds) / (state.step - start_step))
                 if stop_reason:
                     break
                 if time.time() - run.latest_saved_at >= 60 * args.save_minutes:
                     save(run, "latest_model.pth", state, config, args.preset, procs)
             if state.batch_in_epoch == steps_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                end_epoch(args, config, procs, state, validation, run, bar, autocast_dtype)
+                end_epoch(args, config, procs, state, validation, run, bar, plan)
         if stop_reason not in (None, "interrupted") and run.validated_step != state.step:
-            validate(args, config, procs, state, validation, run, bar, autocast_dtype)  # a limit ends the run measured
+            validate(args, config, procs, state, validation, run, bar, plan)  # a limit ends the run measured
         if run.latest_saved_step != state.step:  # the stop, unless the last epoch's end just wrote it
             save(run, "latest_model.pth", state, config, args.preset, procs)
         run.writer.finish()
@@ -482,6 +436,14 @@ class RunEnd:
                                               f"--max_kimg {args.max_kimg:g}")) if n]
         steps, steps_flag = min(limits) if limits else (0, "")
         return cls(steps, steps_flag, 60 * args.max_minutes, (args.schedule_epochs or 0) * steps_per_epoch)
+
+    def last_step(self, step, seconds, all_epochs_steps, seconds_per_step=None):
+        """The step the run will end at, for the progress bar: the first of --max_steps, --max_kimg,
+        the epochs, and --max_minutes at seconds_per_step (unknown: not counted)."""
+        ends = [n for n in (self.steps, all_epochs_steps) if n]
+        if self.seconds and seconds_per_step:
+            ends.append(step + math.ceil(max(0.0, self.seconds - seconds) / seconds_per_step))
+        return min(ends)
 
     def progress(self, step, seconds):
         shares = [step / self.steps if self.steps else 0.0, seconds / self.seconds if self.seconds else 0.0,
@@ -557,27 +519,27 @@ def log_train(window, config, procs, state, run, bar):
     window.reset()
 
 
-def end_epoch(args, config, procs, state, validation, run, bar, autocast_dtype):
+def end_epoch(args, config, procs, state, validation, run, bar, plan):
     """Validation every --validate_every epochs (and after the last); a numbered checkpoint and
     latest_model.pth every --save_every epochs."""
     epoch = state.epoch
     if epoch % args.validate_every == 0 or epoch == args.num_epochs:
-        validate(args, config, procs, state, validation, run, bar, autocast_dtype)
+        validate(args, config, procs, state, validation, run, bar, plan)
     if epoch % args.save_every == 0:
         save(run, f"{epoch}.pth", state, config, args.preset, procs)
         save(run, "latest_model.pth", state, config, args.preset, procs)
 
 
-def validate(args, config, procs, state, validation, run, bar, autocast_dtype):
+def validate(args, config, procs, state, validation, run, bar, plan):
     """The fixed validation set's loss for the weights and their EMA, logged, and the best EMA
     checkpoint."""
     epoch, images_seen = state.epoch, state.step * config.batch_size
-    val_loss = evaluate_loss(state.model, *validation, config, autocast_dtype)
-    val_loss_ema = evaluate_loss(state.ema, *validation, config, autocast_dtype)
+    val_loss = evaluate_loss(state.model, *validation, config, plan.autocast_dtype)
+    val_loss_ema = evaluate_loss(state.ema, *validation, config, plan.autocast_dtype)
     if procs.master:
         append_log(run.file("log.jsonl"), dict(kind="validation", step=state.step, epoch=epoch,
                                                 images_seen=images_seen, val_loss=val_loss, val_loss_ema=val_loss_ema))
-        samples = preview_samples(state.ema, config, procs.device) if run.vis.online else None
+        samples = preview_samples(state.ema, config, procs.device, plan) if run.vis.online else None
         run.vis.log_validation(images_seen, val_loss, val_loss_ema, samples)
         draw_loss_curve(read_log(run.file("log.jsonl")), run.file("loss_curve.png"))
         bar.write(f"epoch {epoch} step {state.step}: validation loss {val_loss:.4f} (EMA {val_loss_ema:.4f})")
@@ -609,7 +571,7 @@ def make_train_step(train_model, model, ema, optimizer, config, autocast_dtype):
         train_model.train()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(config, step, progress)
-        with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast(x0.device, autocast_dtype):
             loss = training_loss(train_model, x0, eps, alpha_bar, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -664,12 +626,13 @@ def make_optimizer(model, config, fused):
 # ---- validation --------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_loss(model, x0, eps, alpha_bar, config, autocast_dtype, batch_size=500):
+def evaluate_loss(model, x0, eps, alpha_bar, config, autocast_dtype, batch_size=None):
     was_training = model.training
     model.eval()
     total = 0.0
     # Eager: with --compile regional the model's blocks are compiled for training, not for this.
-    with torch.compiler.set_stance("force_eager"), torch.autocast(x0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    batch_size = batch_size or sampling_batch(x0.device)
+    with torch.compiler.set_stance("force_eager"), autocast(x0.device, autocast_dtype):
         for i in range(0, len(x0), batch_size):
             part = slice(i, i + batch_size)
             total += validation_loss(model, x0[part], eps[part], alpha_bar[part], config).item() * len(x0[part])
@@ -677,11 +640,12 @@ def evaluate_loss(model, x0, eps, alpha_bar, config, autocast_dtype, batch_size=
     return total / len(x0)
 
 
-def preview_samples(ema, config, device, n=16):
+def preview_samples(ema, config, device, plan, n=16):
     """Samples for visdom, from a copy: sampling_mode with bn_sampling_stats=batch drops the
     BatchNorm running statistics, which training and the checkpoint still need."""
     sampler = copy.deepcopy(ema).sampling_mode()
-    return to_uint8(sample(sampler, config, n, generator=torch.Generator().manual_seed(0), device=device), config).cpu()
+    return to_uint8(sample(sampler, config, n, generator=torch.Generator().manual_seed(0), device=device,
+                           autocast_dtype=plan.autocast_dtype), config).cpu()
 
 
 # ---- small helpers -------------------------------------------------------------------------------------
@@ -701,14 +665,13 @@ def fits_on_device(images, device):
     return images.numel() < 0.25 * free
 
 
-def warn_cpu_speed(model, config, steps_per_epoch):
-    """Time a small step on a copy of the model and extrapolate to an epoch."""
-    seconds = eager_step_seconds(model, 4, torch.device("cpu"), timed_steps=1) / 4 * config.batch_size
-    seconds *= steps_per_epoch * 1.3  # + optimiser, EMA
+def warn_cpu_speed(seconds_per_step, plan, config, steps_per_epoch):
+    """The expected time of an epoch on the CPU (step_seconds), when it is long."""
+    seconds = seconds_per_step * steps_per_epoch
     if seconds > 60:
         duration = f"{seconds / 3600:.1f} hours" if seconds > 5400 else f"{seconds / 60:.0f} minutes"
-        print(f"warning: training on the CPU: about {duration} per epoch "
-              f"({steps_per_epoch} steps of {config.batch_size}); a CUDA GPU is 100x faster "
+        print(f"warning: training on the CPU: about {duration} per epoch ({steps_per_epoch} steps of "
+              f"{config.batch_size}, {plan.precision}, {plan.layout}); a CUDA GPU is 100x faster "
               f"(--preset tiny trains in seconds)", file=sys.stderr)
 
 

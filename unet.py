@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import ArgumentParser, run_main
-from config import PRESETS, make_config
+from config import PRESETS, ConfigError, make_config
 
 
 # ---- the switches: each field of the configuration is turned into modules in one place --------
@@ -50,6 +50,22 @@ def make_tail(config, channels):
 def noise_embedding_dim(config):
     """Width of the noise-level embedding; 0 when the network is not told the noise level."""
     return 4 * config.channels[0] if config.noise_cond == "film" else 0
+
+
+MAX_LEVELS = 6  # channels: the head, then down levels at 32, 16, 8, 4, 2 (the middle at 1x1 after the last)
+
+
+def check_network(config, image_size):
+    """A one-line ConfigError for network fields that cannot work together: channels gives the
+    levels, and with them the resolutions that attention can be at."""
+    if not 1 <= len(config.channels) <= MAX_LEVELS:
+        raise ConfigError(f"--set channels={config.channels}: give 1 to {MAX_LEVELS} widths (the head's, then one per "
+                          f"down level of a {image_size}x{image_size} image)")
+    resolutions = [image_size >> level for level in range(len(config.channels))]
+    unused = [r for r in config.attention if r not in resolutions]
+    if unused:
+        raise ConfigError(f"--set attention={config.attention}: the network has no resolution {unused[0]}; with channels "
+                          f"{config.channels} it has {', '.join(map(str, resolutions))}")
 
 
 # ---- building blocks ---------------------------------------------------------------------------
@@ -111,7 +127,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config, channels):
         super().__init__()
-        self.heads = max(1, channels // 64)
+        self.heads = next(h for h in range(max(1, channels // 64), 0, -1) if channels % h == 0)  # heads of 64 or more
         self.norm = make_norm(config, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
         self.proj = nn.Conv2d(channels, channels, kernel_size=1)
@@ -141,6 +157,7 @@ class Stage(nn.Module):
 class UNet(nn.Module):
     def __init__(self, config, image_size=32):
         super().__init__()
+        check_network(config, image_size)
         self.config = config
         c = config.channels
         emb_dim = noise_embedding_dim(config)

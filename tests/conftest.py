@@ -5,11 +5,17 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The suite's own compile cache and speed ledger (speed.py), for every test and the scripts they
+# start: timings measured under the suite's load must not become what a user's runs read, and no
+# test may depend on what a user's ledger holds.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="simple_ddpm_tests_cache_")
 
 
 def free_port():
@@ -105,6 +111,7 @@ def visdom_train_command(visdom_image_dirs):
         return [sys.executable, os.path.join(REPO, "train.py"), "--preset", "tiny",
                 "--train_dataset_directory", visdom_image_dirs[0], "--validate_dataset_directory", visdom_image_dirs[1],
                 "--model_checkpoint_dir", str(run_dir), "--device", "cpu", "--batch_size", "4",
+                "--precision", "fp32", "--layout", "contiguous", "--compile", "off",  # as testkit.tiny_train_args
                 "--visdom_port", str(port), *map(str, extra)]
     return command
 

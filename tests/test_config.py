@@ -30,7 +30,9 @@ def test_set_parses_each_type():
     ("learning_rate=0", r"learning_rate=0: must be in \(0.0, inf\)"),
     ("dropout=1", r"dropout=1: must be in \[0.0, 1.0\)"),
     ("ema_decay=nan", r"ema_decay=nan: must be in \[0.0, 1.0\)"),
-    ("sampling_steps=-5", r"sampling_steps=-5: must be in \[1, inf\)"),
+    ("sampling_steps=-5", r"sampling_steps=-5: must be in \[1, 1000\]"),
+    ("sampling_steps=1001", r"sampling_steps=1001: must be in \[1, 1000\]"),  # the training schedule's 1,000 steps
+    ("eta=1.5", r"eta=1.5: must be in \[0.0, 1.0\]"),  # DDIM's step variance would be negative
 ])
 def test_bad_set_is_an_error(item, message):
     with pytest.raises(ConfigError, match=message):

@@ -536,8 +536,8 @@ def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
         argv, expected = (["--checkpoint", tmp_path / "no.pth", "--num_samples", "1", *sets],
                           "error: --num_samples 1: need at least 2 images")
     elif case in ("batch_size", "steps", "eta"):
-        value, message = {"batch_size": ("0", "0 must be at least 1"), "steps": ("-2", "-2 must be at least 1"),
-                          "eta": ("-0.5", "-0.5 must be 0 or more")}[case]
+        value, message = {"batch_size": ("0", "0 must be at least 1"), "steps": ("-2", "must be in [1, 1000]"),
+                          "eta": ("-0.5", "must be in [0.0, 1.0]")}[case]
         argv, expected = (["--checkpoint", tmp_path / "no.pth", *sets, f"--{case}", value],
                           f"error: argument --{case}: {message} (see --help)")
     elif case == "output_json":

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -98,14 +100,24 @@ def test_batch_size_below_one_is_a_one_line_error(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, message", [("--n", 0, "0 must be at least 1"), ("--m", "two", "'two' is not an integer"),
-                                                   ("--steps", 0, "0 must be at least 1"),
+                                                   ("--steps", 0, r"must be in \[1, 1000\]"),
+                                                   ("--steps", 5000, r"must be in \[1, 1000\]"),
+                                                   ("--eta", 2, r"must be in \[0.0, 1.0\]"),
                                                    ("--seed", -1, "-1 must be 0 or more"),
                                                    ("--clamp", "maybe", "expected True or False")])
 def test_bad_numbers_are_one_line_errors(checkpoint, tmp_path, flag, value, message):
     result = run_script("generate.py", "--checkpoint", checkpoint, "--generated_image_save_dir", tmp_path,
                         "--device", "cpu", flag, value)
     assert result.returncode == 2
-    assert one_line_error(result).startswith(f"error: argument {flag}: {message}")
+    assert re.match(f"error: argument {flag}: {message}", one_line_error(result))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_grid_too_large_for_memory_is_refused_before_sampling(checkpoint, tmp_path):
+    result = run_script("generate.py", "--checkpoint", checkpoint, "--generated_image_save_dir", tmp_path,
+                        "--device", "cpu", "--n", 100_000, "--m", 100_000)
+    assert result.returncode == 2
+    assert re.match(r"error: --n 100000 --m 100000: 10,000,000,000 images need about \d+ GiB", one_line_error(result))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -335,7 +335,8 @@ def test_a_sample_preview_leaves_the_batchnorm_statistics_in_place():
     config = make_config("tiny", ["norm=batch", "bn_sampling_stats=batch", "sampling_steps=2"])
     ema = UNet(config)
     keys = set(ema.state_dict())
-    assert preview_samples(ema, config, "cpu", n=2).shape == (2, 3, 32, 32)
+    from speed import Plan
+    assert preview_samples(ema, config, "cpu", Plan("fp32", False, "test"), n=2).shape == (2, 3, 32, 32)
     assert set(ema.state_dict()) == keys and ema.training
 
 
@@ -385,57 +386,20 @@ def test_the_run_ends_at_the_first_limit_known():
     assert run_end().epoch_steps == 0  # the seed's 5000 epochs, not given, are a cap but not an end
 
 
+def test_the_progress_bar_counts_to_the_runs_known_end():
+    """The bar's total is the first end: the step limits, all epochs, or --max_minutes at the speed so far."""
+    all_epochs = 5000 * 4  # the seed's 5,000 epochs of 4 steps: the bar's total when nothing else ends the run
+    assert run_end().last_step(0, 0, all_epochs) == all_epochs
+    assert run_end("--max_kimg", 1).last_step(0, 0, all_epochs) == 63
+    end = run_end("--max_minutes", 5)
+    assert end.last_step(0, 0, all_epochs) == all_epochs  # the speed is not known yet
+    assert end.last_step(0, 0, all_epochs, seconds_per_step=0.5) == 600  # 300 s at 0.5 s a step
+    assert end.last_step(100, 100, all_epochs, seconds_per_step=0.5) == 500  # 200 s left
+    assert end.last_step(100, 400, all_epochs, seconds_per_step=0.5) == 100  # past the end
+    assert run_end("--max_minutes", 5, "--max_steps", 50).last_step(0, 0, all_epochs, 0.5) == 50
+
+
 # ---- torch.compile where it pays ------------------------------------------------------------------------
-
-def test_compile_plan_never_spends_more_than_a_tenth_of_a_known_run_compiling():
-    from train import compile_plan
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    cold = lambda mode: 110
-    warm = lambda mode: {"whole": 30, "regional": 12}[mode]
-    assert compile_plan(cpu, None, cold)[0] == "off"
-    assert compile_plan(cuda, None, cold)[0] == "whole"  # no known end: a long run
-    assert compile_plan(cuda, 180, cold)[0] == "off"  # a 3-minute run with an empty cache
-    assert compile_plan(cuda, 1100, cold)[0] == "whole"
-    assert compile_plan(cuda, 180, warm)[0] == "regional"  # 12 s <= 10% of 180 s < 30 s
-    assert compile_plan(cuda, 100, warm)[0] == "off"
-    assert compile_plan(cuda, 300, warm)[0] == "whole"
-    mode, why = compile_plan(cuda, 180, cold)
-    assert "110 s" in why and "180 s" in why
-
-
-def test_the_compile_ledger_remembers_each_graphs_first_step(tmp_path, monkeypatch):
-    from config import make_config
-    from train import COLD_COMPILE_SECONDS, CompileLedger, Processes
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    from unet import UNet
-    procs = Processes(torch.device("cpu"))
-    ledger = CompileLedger(UNet(make_config("tiny")), make_config("tiny"), procs, None)
-    assert ledger.expected_seconds("whole") == COLD_COMPILE_SECONDS
-    step = ledger.timing_first_call(lambda x: (time.sleep(0.3), torch.zeros(()))[1], "regional")
-    step(0)
-    assert 0.3 <= ledger.expected_seconds("regional") < 2 and ledger.expected_seconds("whole") == COLD_COMPILE_SECONDS
-    step(1)  # only the first call is timed
-    assert json.loads((tmp_path / "simple_ddpm_compile_seconds.json").read_text())[ledger.key]["regional"] < 2
-    for other in ([UNet(make_config("tiny", ["batch_size=32"])), make_config("tiny", ["batch_size=32"])],
-                  [UNet(make_config("tiny", ["norm=batch"])), make_config("tiny")]):  # other graphs
-        other = CompileLedger(*other, procs, None)
-        assert other.key != ledger.key and other.expected_seconds("regional") == COLD_COMPILE_SECONDS
-    same = CompileLedger(UNet(make_config("tiny", ["learning_rate=0.1"])), make_config("tiny"), procs, None)
-    assert same.key == ledger.key  # nothing compiled changes
-
-
-def test_regional_compile_compiles_each_block_in_place():
-    from config import make_config
-    from train import compile_blocks
-    from unet import Stage, UNet
-    model = UNet(make_config("tiny"))
-    names = list(model.state_dict())
-    compile_blocks(model)
-    stages = [m for m in model.modules() if isinstance(m, Stage)]
-    assert len(stages) == 14 and all(m._compiled_call_impl is not None for m in stages)
-    assert model.head._compiled_call_impl is None
-    assert list(model.state_dict()) == names  # checkpoints keep their keys
-
 
 def test_the_compile_cache_is_persistent_and_movable(monkeypatch, tmp_path):
     from cli import compile_cache_dir

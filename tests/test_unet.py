@@ -256,3 +256,24 @@ def test_the_default_starts_at_a_loss_of_about_one():
     eps = torch.randn(x0.shape, generator=g)
     loss = training_loss(UNet(config).train(), x0, eps, sample_alpha_bar(config, 64, "cpu", g), config)
     assert 0.9 < loss.item() < 1.1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["attention=(7,)"], r"attention=\(7,\): the network has no resolution 7; with channels \(16, 32, 32, 32\) it has "
+                         r"32, 16, 8, 4"),
+    (["channels=(16,32)", "attention=(8,)"], "no resolution 8"),
+    (["channels=()"], "give 1 to 6 widths"),
+    (["channels=(8,8,8,8,8,8,8)"], "give 1 to 6 widths"),  # a 7th level would pool a 1x1 map
+])
+def test_network_fields_that_cannot_work_together_are_one_line_errors(overrides, message):
+    from config import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        UNet(make_config("tiny", overrides))
+
+
+def test_the_deepest_network_and_attention_at_any_width_run():
+    """Six levels reach 1x1; attention splits any width into heads of at least 64 channels."""
+    for overrides in (["channels=(8,8,8,8,8,8)", "attention=(1,)"], ["channels=(16,200)", "attention=(16,)"]):
+        model = UNet(make_config("tiny", overrides))
+        out = model(torch.randn(2, 3, 32, 32), torch.full((2,), 0.5))
+        assert out.shape == (2, 3, 32, 32)

@@ -28,8 +28,11 @@ def run_script(script, *args, **kw):
 
 
 def tiny_train_args(train_dir, val_dir, run_dir, *extra):
+    """train.py's flags for a tiny CPU run. Eager, fp32 and contiguous unless extra says otherwise:
+    the same numbers on every machine, whatever speed.py would measure there, and no compiling."""
     return ["--preset", "tiny", "--train_dataset_directory", train_dir, "--validate_dataset_directory", val_dir,
-            "--model_checkpoint_dir", run_dir, "--device", "cpu", "--no_visdom", *map(str, extra)]
+            "--model_checkpoint_dir", run_dir, "--device", "cpu", "--no_visdom", "--precision", "fp32",
+            "--layout", "contiguous", "--compile", "off", *map(str, extra)]
 
 
 def one_line_error(result):

@@ -13,7 +13,9 @@ train.py's --compile auto (compile_plan).
 concurrency: K = 1, 2, 3, 4 training processes started together on one GPU, each with its own run
 folder and its own copy of the data on the card, each training --kimg thousand images (default:
 the ablation study's budget). Runs per GPU-hour = K x 3600 / (seconds until the last one ends).
-The ablation runner runs this many at once per GPU (ablate.py's RUNS_PER_GPU).
+The ablation runner runs this many at once per GPU (ablate.py's RUNS_PER_GPU). On the CPU
+(--device cpu) each of the K processes gets cores / K threads (OMP_NUM_THREADS), as ablate.py gives
+them, and the table is runs per CPU-hour (ablate.py's RUNS_PER_CPU).
 
 Both write a markdown table (run_costs_<part>.md) and every number (run_costs_<part>.json) into --out.
 """
@@ -39,6 +41,7 @@ def train(run_dir, args, extra, env=None, wait=True):
                "--no_visdom", "--preset", args.preset, "--device", args.device, "--log_every", "50",
                "--validate_every", "100000", "--save_every", "100000",
                "--train_dataset_directory", args.train_dir, "--validate_dataset_directory", args.val_dir,
+               "--precision", args.precision,
                *[a for s in args.set for a in ("--set", s)], *map(str, extra)]
     with open(os.path.join(run_dir, "train.out"), "w") as out:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -81,21 +84,26 @@ def measure_concurrency(args):
     rows = []
     for k in map(int, args.processes.split(",")):
         started = time.time()
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // k))} if args.device == "cpu" else {}
         procs = [train(os.path.join(args.out, f"concurrent_{k}_{i}"), args,
-                       ["--max_kimg", args.kimg, "--seed", i, "--compile", args.compile], wait=False) for i in range(k)]
+                       ["--max_kimg", args.kimg, "--seed", i, "--compile", args.compile], env=threads, wait=False)
+                 for i in range(k)]
         failed = [i for i, p in enumerate(procs) if p.wait() != 0]
         seconds = time.time() - started
         if failed:
             raise UserError(f"train.py failed with {k} processes at once: see {args.out}/concurrent_{k}_{failed[0]}/train.out")
         last = [train_records(os.path.join(args.out, f"concurrent_{k}_{i}"))[-1] for i in range(k)]
         img_per_s = [r["images_seen"] / r["time"] for r in last]
-        rows.append(dict(processes=k, seconds=seconds, runs_per_hour=k * 3600 / seconds,
+        rows.append(dict(processes=k, threads_each=threads.get("OMP_NUM_THREADS"), seconds=seconds,
+                         runs_per_hour=k * 3600 / seconds,
                          img_per_s_each=img_per_s, img_per_s_total=sum(img_per_s)))
         print(rows[-1], flush=True)
     base = rows[0]["runs_per_hour"]
-    table = [f"| processes at once | seconds until all {args.kimg:g} kimg runs end | runs per GPU-hour | vs 1 | "
-             "img/s per process (training time) | img/s in all |", "|---|---|---|---|---|---|"]
-    table += [f"| {r['processes']} | {r['seconds']:.0f} | {r['runs_per_hour']:.1f} | {r['runs_per_hour'] / base:.2f}x | "
+    unit = "CPU" if args.device == "cpu" else "GPU"
+    table = [f"| processes at once | threads each | seconds until all {args.kimg:g} kimg runs end | runs per {unit}-hour "
+             "| vs 1 | img/s per process (training time) | img/s in all |", "|---|---|---|---|---|---|---|"]
+    table += [f"| {r['processes']} | {r['threads_each'] or '-'} | {r['seconds']:.0f} | {r['runs_per_hour']:.1f} | "
+              f"{r['runs_per_hour'] / base:.2f}x | "
               f"{statistics.mean(r['img_per_s_each']):,.0f} | {r['img_per_s_total']:,.0f} |" for r in rows]
     return rows, table
 
@@ -114,20 +122,28 @@ def main(argv=None):
     p.add_argument("--processes", default="1,2,3,4", help="concurrency: how many runs at once, in turn")
     p.add_argument("--kimg", type=non_negative_float, default=300, help="concurrency: thousand images per run")
     p.add_argument("--compile", default="auto", help="concurrency: train.py's --compile")
+    p.add_argument("--precision", default="auto", help="train.py's --precision")
     args = p.parse_args(argv)
     if args.steps < 50:
         raise UserError(f"--steps {args.steps}: the table times the first 50 steps; pass 50 or more")
     make_folder(args.out, "--out")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows, table = (measure_compile if args.part == "compile" else measure_concurrency)(args)
-    machine = gpu_name() or f"{os.cpu_count()} CPU cores"
-    header = f"{machine}, torch {torch_version()}, preset {args.preset} {' '.join(args.set)}, {started}"
+    machine = gpu_name() if args.device != "cpu" else None
+    machine = machine or f"{cpu_model()}, {os.cpu_count()} cores"
+    header = (f"{machine}, torch {torch_version()}, preset {args.preset} {' '.join(args.set)}, --precision "
+              f"{args.precision}, {started}")
     with atomic_write(os.path.join(args.out, f"run_costs_{args.part}.md"), "w") as f:
         f.write(f"{header}\n\n" + "\n".join(table) + "\n")
     with atomic_write(os.path.join(args.out, f"run_costs_{args.part}.json"), "w") as f:
         json.dump({"machine": machine, "torch": torch_version(), "preset": args.preset, "set": args.set,
                    "started": started, "rows": rows}, f, indent=1)
     print(header + "\n\n" + "\n".join(table))
+
+
+def cpu_model():
+    from speed import cpu_info
+    return cpu_info()[0]
 
 
 def gpu_name():
