@@ -7,6 +7,7 @@ cannot run code:
     model, ema, optimizer  state dicts (ema equals model when the run keeps no EMA)
     step, epoch, batch_in_epoch, best_validation_loss
     train_seconds          training time so far, resumes included (--max_minutes and the lr schedule's clock)
+    plan                   the precision and layout the run trains in (speed.Plan.record()), which a resume keeps
     rng                    torch's global state, the training noise generator's, and CUDA's
 It is written atomically, and in the background: a run killed at any moment leaves the last
 good file, and training does not wait for the disk.
@@ -36,6 +37,7 @@ class TrainingState:
     batch_in_epoch: int = 0
     best_validation_loss: float = math.inf
     train_seconds: float = 0.0  # wall-clock time spent training, over every resume
+    plan: dict = dataclasses.field(default_factory=dict)  # speed.Plan.record() of the run's precision and layout
 
     def to_checkpoint(self, config, preset):
         """The checkpoint dict, copied to the CPU now: training may go on while it is written."""
@@ -44,7 +46,7 @@ class TrainingState:
             "format": FORMAT, "config": config_to_dict(config), "preset": preset,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best_validation_loss": self.best_validation_loss, "train_seconds": self.train_seconds,
+            "best_validation_loss": self.best_validation_loss, "train_seconds": self.train_seconds, "plan": self.plan,
             "rng": {"torch": torch.get_rng_state(), "noise": self.noise_generator.get_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         })

@@ -32,7 +32,7 @@ from config import PRESETS, config_text, config_to_dict, make_config
 from dataset import augment, load_image_folder, normalise, to_uint8
 from diffusion import sample, sample_alpha_bar, training_loss, validation_loss
 from plot_log import draw_loss_curve, read_log
-from speed import (PROBE_BATCH, CompileLedger, autocast, choose_plan, compile_blocks, compile_plan, cpp_compiler,
+from speed import (PROBE_BATCH, CompileLedger, Plan, autocast, choose_plan, compile_blocks, compile_plan, cpp_compiler,
                    machine, sampling_batch, time_network)
 from unet import UNet, check_network, count_parameters, forward_flops
 from visdom_logger import VisdomLogger
@@ -100,8 +100,9 @@ def main(argv=None):
     set_precision(procs.device)
     torch.manual_seed(args.seed)
     train_images, val_images = load_data(args, config, procs)
-    plan = choose_training_plan(args, config, procs)
+    plan = choose_training_plan(args, config, procs, resume_from)
     state = build_state(config, procs, args.seed, plan)
+    state.plan = plan.record()
     if resume_from is not None:
         state.restore(resume_from)
         procs.say(f"resuming {latest_path}: epoch {state.epoch}, step {state.step}")
@@ -199,9 +200,15 @@ def set_precision(device):
         torch.backends.cudnn.benchmark = True
 
 
-def choose_training_plan(args, config, procs):
+def choose_training_plan(args, config, procs, resume_from):
     """speed.choose_plan on rank 0 (which says first what it measures), the same plan for every
-    process. It forks the random streams, so it may run after torch.manual_seed."""
+    process. A resumed run keeps the precision and layout it started with, unless the flags ask
+    for others, so that it continues exactly. choose_plan forks the random streams, so this may run
+    after torch.manual_seed."""
+    saved = (resume_from or {}).get("plan") or {}  # absent before 2026-12-02
+    if saved and args.precision == "auto" and args.layout == "auto":
+        return Plan(saved["precision"], saved["layout"] == "channels_last", "resumed: the plan this run started with",
+                    {name: ms / 1e3 for name, ms in saved.get("timings_ms_per_image", {}).items()})
     plan = None
     if procs.master:
         if procs.device.type == "cpu" and "auto" in (args.precision, args.layout):

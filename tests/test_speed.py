@@ -114,6 +114,33 @@ def test_train_logs_the_plan_it_read_from_the_ledger(tmp_path, monkeypatch):
     assert "precision and layout: fp32, channels_last" in out
 
 
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_plan_it_started_with(tmp_path, monkeypatch):
+    """The ledger now says another plan is fastest: the resumed run keeps its own (exact resume),
+    a fresh one takes the new."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    images = make_avatar_folder(tmp_path / "data", 32)
+
+    def plans(steps, *extra):
+        result = run_script("train.py", *tiny_train_args(images, images, str(tmp_path / "run"), "--max_steps", steps,
+                                                         "--precision", "auto", "--layout", "auto", *extra))
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl") if '"plan"' in line]
+
+    [first] = plans(1)
+    ledger_path = tmp_path / "cache" / "simple_ddpm_speed.json"
+    ledger = json.loads(ledger_path.read_text())
+    (key,) = [k for k, v in ledger.items() if "timings" in v]
+    other = next(name for name in ledger[key]["timings"] if name != f"{first['precision']}/{first['layout']}")
+    ledger[key]["timings"] = {name: (0.001 if name == other else 0.5) for name in ledger[key]["timings"]}
+    ledger_path.write_text(json.dumps(ledger))
+    resumed = plans(2)[-1]
+    assert (resumed["precision"], resumed["layout"]) == (first["precision"], first["layout"])
+    assert resumed["why"].startswith("resumed")
+    fresh = plans(1, "--fresh")[-1]
+    assert f"{fresh['precision']}/{fresh['layout']}" == other
+
+
 def test_compile_on_a_cpu_without_a_cpp_compiler_is_a_one_line_error(tmp_path):
     """inductor's CPU backend needs g++ or clang++: without one, --compile whole says so up front."""
     from testkit import one_line_error
