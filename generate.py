@@ -115,7 +115,7 @@ def sampling_compile(compile, config, num_images, batch_size, device, plan, ledg
         return compile == "on", f"--compile {compile}"
     if device.type == "cuda":
         return num_images >= COMPILE_FROM, f"auto: on CUDA from {COMPILE_FROM:,} images"
-    per_image = plan.timings.get(f"{plan.precision}/{plan.layout}")
+    per_image = plan.seconds_per_image
     if per_image is None:
         return False, "auto: not measured (--precision and --layout given)"
     calls = math.ceil(num_images / batch_size) * len(make_scheduler(config).timesteps)

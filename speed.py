@@ -120,6 +120,11 @@ class Plan:
     def layout(self):
         return "channels_last" if self.channels_last else "contiguous"
 
+    @property
+    def seconds_per_image(self):
+        """The probe's measurement of this plan's own candidate; None when nothing was timed."""
+        return self.timings.get(f"{self.precision}/{self.layout}")
+
     def apply(self, model):
         """The model with its weights in this plan's layout (in place, as nn.Module.to is)."""
         return model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)

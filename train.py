@@ -308,8 +308,7 @@ def distributed_compiled_step(args, config, procs, state, plan, steps_per_epoch)
     mode, why = {"on": ("whole", "--compile on"), "auto": (None, None)}.get(args.compile, (args.compile, "--compile"))
     if mode is None:
         end = RunEnd.of(args, config, steps_per_epoch)
-        per_image = plan.timings.get(f"{plan.precision}/{plan.layout}")
-        eager = per_image and per_image * (config.batch_size // procs.world_size) * STEP_OVERHEAD
+        eager = measured_step_seconds(config, procs, plan)
         mode, why = compile_plan(procs.device, remaining_seconds(end, state, config, procs, plan),
                                  ledger.expected_seconds, lambda: ledger.expected_gain(eager))
     if procs.ddp:  # every process compiles as rank 0 decided
@@ -343,13 +342,20 @@ def step_seconds(config, procs, plan, state):
     """Expected seconds of one training step: the plan's measurement on the CPU, else (CUDA, or
     the CPU with --precision and --layout given) three eager steps of a copy of the model, timed
     here, at most PROBE_BATCH images on the CPU; times STEP_OVERHEAD."""
+    measured = measured_step_seconds(config, procs, plan)
+    if measured is not None:
+        return measured
     batch = config.batch_size // procs.world_size
-    per_image = plan.timings.get(f"{plan.precision}/{plan.layout}")
-    if per_image is None:
-        timed = batch if procs.device.type == "cuda" else min(batch, PROBE_BATCH)
-        per_image = time_network(state.model, timed, procs.device, "train", plan.autocast_dtype, plan.channels_last,
-                                 timed_steps=3) / timed
+    timed = batch if procs.device.type == "cuda" else min(batch, PROBE_BATCH)
+    per_image = time_network(state.model, timed, procs.device, "train", plan.autocast_dtype, plan.channels_last,
+                             timed_steps=3) / timed
     return per_image * batch * STEP_OVERHEAD
+
+
+def measured_step_seconds(config, procs, plan):
+    """A training step's seconds from the plan's probe (times STEP_OVERHEAD), None when it timed nothing."""
+    per_image = plan.seconds_per_image
+    return None if per_image is None else per_image * (config.batch_size // procs.world_size) * STEP_OVERHEAD
 
 
 def remaining_seconds(end, state, config, procs, plan):
@@ -381,8 +387,7 @@ def train(args, config, procs, state, train_step, train_images, validation, run,
     clock = Clock(procs, state.train_seconds)
     stop_reason = None
     start_step, start_seconds = state.step, state.train_seconds
-    estimate = plan.timings.get(f"{plan.precision}/{plan.layout}")
-    estimate = estimate and estimate * (config.batch_size // procs.world_size) * STEP_OVERHEAD
+    estimate = measured_step_seconds(config, procs, plan)
     total = lambda per_step: end.last_step(state.step, state.train_seconds, steps_per_epoch * args.num_epochs, per_step)
     with tqdm(total=total(estimate), initial=state.step, disable=not procs.master, unit="step",
               dynamic_ncols=True) as bar:
