@@ -8,7 +8,7 @@ cannot run code:
     step, epoch, batch_in_epoch, best_validation_loss
     train_seconds          training time so far, resumes included (--max_minutes and the lr schedule's clock)
     plan                   the precision and layout the run trains in (speed.Plan.record()), which a resume keeps
-    rng                    torch's global state, the training noise generator's, and CUDA's
+    rng                    torch's global state (dropout), the training noise generator's, and CUDA's
 It is written atomically, and in the background: a run killed at any moment leaves the last
 good file, and training does not wait for the disk.
 """
@@ -31,7 +31,7 @@ class TrainingState:
     model: torch.nn.Module
     ema: torch.nn.Module  # the model itself when the configuration keeps no EMA
     optimizer: torch.optim.Optimizer
-    noise_generator: torch.Generator  # every training draw: flips, noise levels, noise
+    noise_generator: torch.Generator  # the noise levels and the noise (the order and flips: train.epoch_draws)
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0

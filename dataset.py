@@ -3,20 +3,35 @@
 The images stay uint8 (3 KB each, 150 MB for 50,000) and are turned into floats batch by batch,
 so a whole data set fits in device memory.
 
+Decoding 55,000 PNGs takes seconds to tens of seconds, and every run of a study loads the same
+folders, so a folder is decoded once: load_image_folder keeps the decoded tensor beside the folder,
+in `<folder>.cache.npz` (images/train_images_downsample.cache.npz; outside the folder, so its file
+list is unchanged; ignored by git). The cache holds the images (uint8 N x 3 x 32 x 32), the names of
+the undecodable files a --skip_bad_images run skipped, and a fingerprint: the sha256 of every image
+file's name, size and modification time. A file added, removed or rewritten changes the
+fingerprint, and the folder is decoded again and the cache rewritten. A cache that cannot be read
+is decoded again too; one that cannot be written (a read-only parent folder) is skipped with a
+warning. Delete the .cache.npz files to force a decode, or pass cache=False.
+
     python dataset.py images/train_images_downsample      # check a folder and print its size
 """
+import hashlib
 import os
 import re
 import sys
+import zipfile
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from cli import ArgumentParser, UserError, run_main
+from cli import ArgumentParser, UserError, atomic_write, run_main
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGE_SIZE = 32
+# Part of every fingerprint: change it when read_rgb decodes a file differently, and every cache
+# made before is decoded again.
+CACHE_FORMAT = "simple_ddpm decoded image folder, version 1"
 
 
 class DatasetError(UserError):
@@ -54,10 +69,33 @@ def read_rgb(path):
         return on_white(image)
 
 
-def load_image_folder(directory, skip_bad_images=False):
-    """All images of a folder as a uint8 tensor N x 3 x 32 x 32, in natural file-name order."""
+def load_image_folder(directory, skip_bad_images=False, cache=True):
+    """All images of a folder as a uint8 tensor N x 3 x 32 x 32, in natural file-name order.
+
+    cache: read the decoded images from `<folder>.cache.npz` when its fingerprint matches the folder
+    (see the module's docstring), else decode them and write it. The result, the errors and the
+    warning are the same with or without it. cache=False neither reads nor writes it."""
     paths = image_files(directory)
-    images, bad = [], []
+    # Taken before decoding: a file rewritten while we decode makes the next call decode again.
+    fingerprint = folder_fingerprint(paths) if cache else None
+    cached = read_cache(directory, fingerprint, len(paths)) if cache else None
+    # A cache that skipped undecodable files serves skip_bad_images only; without it, decoding
+    # stops at the first of them with its own error.
+    use_cache = cached is not None and (skip_bad_images or not cached[1])
+    images, skipped = cached if use_cache else decode_images(paths, skip_bad_images)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} undecodable image(s) in {directory}, "
+              f"e.g. {os.path.join(directory, skipped[0])}", file=sys.stderr)
+    if len(images) == 0:
+        raise DatasetError(f"{directory}: none of its {len(paths)} image files could be decoded")
+    if cache and not use_cache:
+        write_cache(directory, fingerprint, images, skipped)
+    return torch.from_numpy(images)
+
+
+def decode_images(paths, skip_bad_images):
+    """The images as a uint8 array N x 3 x 32 x 32, and the names of the undecodable files skipped."""
+    images, skipped = [], []
     for path in paths:
         try:
             image = read_rgb(path)
@@ -65,17 +103,65 @@ def load_image_folder(directory, skip_bad_images=False):
             if not skip_bad_images:
                 raise DatasetError(f"{path}: cannot decode this image ({type(e).__name__}); "
                                    f"delete it or pass --skip_bad_images") from None
-            bad.append(path)
+            skipped.append(os.path.basename(path))
             continue
         if image.size != (IMAGE_SIZE, IMAGE_SIZE):
             raise DatasetError(f"{path}: image is {image.size[0]}x{image.size[1]}, expected 32x32; "
                                f"make 32x32 copies with images/downsample.py (see images/downsample_images_for_train.sh)")
         images.append(np.asarray(image))
-    if bad:
-        print(f"warning: skipped {len(bad)} undecodable image(s) in {directory}, e.g. {bad[0]}", file=sys.stderr)
     if not images:
-        raise DatasetError(f"{directory}: none of its {len(paths)} image files could be decoded")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        return np.empty((0, 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8), skipped
+    # Channels first, as the tensor is, so that reading the cache needs no copy.
+    return np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)), skipped
+
+
+# ---- the decoded-image cache: <folder>.cache.npz ------------------------------------------------
+
+def cache_path(directory):
+    # abspath: "images/x/" and "images/x" share one cache, and "." gets one beside it, not inside.
+    return os.path.abspath(directory) + ".cache.npz"
+
+
+def folder_fingerprint(paths):
+    """sha256 of the image files' names, sizes and modification times, in order."""
+    digest = hashlib.sha256(CACHE_FORMAT.encode())
+    for path in paths:
+        name = os.path.basename(path)
+        try:
+            stat = os.stat(path)
+            entry = f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\0"
+        except OSError:  # removed since it was listed: decoding reports it, as it would without a cache
+            entry = f"{name}\0gone\0"
+        digest.update(entry.encode())
+    return digest.hexdigest()
+
+
+def read_cache(directory, fingerprint, num_files):
+    """(images, skipped names) from the folder's cache, or None when it is missing, unreadable,
+    malformed or made from other files."""
+    try:
+        # allow_pickle=False: the file holds plain arrays only, so loading it cannot run code.
+        with np.load(cache_path(directory), allow_pickle=False) as saved:
+            if saved["fingerprint"].item() != fingerprint:
+                return None
+            images, skipped = saved["images"], saved["skipped"].tolist()
+    # What a truncated, empty or foreign file raises: the cache is only a copy, so decode again.
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None
+    if images.dtype != np.uint8 or images.shape != (num_files - len(skipped), 3, IMAGE_SIZE, IMAGE_SIZE):
+        return None
+    return images, skipped
+
+
+def write_cache(directory, fingerprint, images, skipped):
+    # Atomic: two runs decoding at once, or a run killed mid-write, leave a whole cache or none.
+    path = cache_path(directory)
+    try:
+        with atomic_write(path, fsync=True) as f:
+            np.savez(f, fingerprint=np.array(fingerprint), images=images, skipped=np.array(skipped, dtype=str))
+    except OSError as e:
+        print(f"warning: cannot write the decoded-image cache {path} ({e.strerror or e}); "
+              f"the folder will be decoded again next time", file=sys.stderr)
 
 
 # ---- the data range: the one place that reads config.data_range ---------------------------------

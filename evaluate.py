@@ -2,34 +2,58 @@
 
     bash evaluate.sh --checkpoint checkpoints/latest_model.pth      # generate, then evaluate
     bash evaluate.sh --image_dir some/folder --output_json eval.json
+    bash evaluate.sh --checkpoint checkpoints/latest_model.pth --grid grid.png   # and the first 8x4 samples
 
 Every metric is computed twice with the same number of images N: for the samples against the
 reference (train) set, and for the held-out test set against the same reference set. The second
 number is the floor: test images are true data that no model saw, so a perfect generator scores
 about the floor, not zero. N is the number of samples, at most the size of the test set.
 
+Two seeds with two jobs. --seed sets only the samples' starting noise. Every random draw on the real
+side comes from --subset_seed (default 0): the N test images, the reference subsets (below), SWD's
+patch positions and directions, KID's subsets, and the samples' own N when --image_dir holds more.
+With --subset_seed fixed, the floor is a constant of (reference set, test set, N, subset_seed,
+weights), and every row of a study is scored against the same real draws: they shift every row's
+numbers alike, so a spread over --seed is the training's and the sampling's, not the evaluation's.
+
+The real side is the same for every evaluation with that key, so it is computed once and kept in
+--cache_dir (default checkpoints/evaluation_cache; --no_cache computes it afresh): the subsets, the
+network readings of the real images, the precision/recall radii, every test image's nearest
+training image (the memorisation threshold) and the floors. The key hashes the decoded reference
+and test images, N, --subset_seed, the Inception and attribute network weights, the device type
+(CPUs and GPUs round differently) and REAL_STATISTICS_VERSION. A cached evaluation gives the same
+numbers, to the bit, as a fresh one.
+
+--grid PATH also writes the first columns x rows (--grid_size, default 8x4) of the samples as one
+PNG. Image i of a --seed has its own random stream (generate.image_generators), so every variant's
+grid starts from the same noise, whatever --num_samples.
+
 - FID (Heusel et al. 2017) and KID (Binkowski et al. 2018, x1e3) on Inception-v3 pool features,
   through torchmetrics and torch-fidelity, with the images resized to 299x299 as TensorFlow's FID
   code does. They need the FID Inception weights in models/pt_inception-2015-12-05-6726825d.pth
-  (downloaded when the network allows); without them both are skipped. Lower is better.
+  (downloaded when the network allows); without them both are skipped. Lower is better. The cache
+  then holds every reference image's features (float32: 400 MB for 50,000 images).
 - SWD: sliced Wasserstein distance between random 7x7 patches of Laplacian pyramids (Karras et al.
   2018, Progressive GAN, appendix D), x1e3 as in the paper, per pyramid level (32: the finest
-  details; 16: the coarse image) and averaged. Needs no pretrained weights. Lower is better.
+  details; 16: the coarse image) and averaged, against a random N of the reference set. Needs no
+  pretrained weights. Lower is better.
 - Precision and recall (Kynkaanniemi et al. 2019): the share of samples inside the k=3
   nearest-neighbour manifold of real images (are samples realistic?), and the share of real images
-  inside the samples' manifold (do samples cover the data?). On Inception features when the weights
-  are there, else on raw pixels; the table says which. Higher is better.
-- Memorised share: samples whose nearest training image (L2 over pixels in [0, 1]) is closer than
-  the 1st percentile of the test images' nearest-training-image distances. Its floor is about 0.01
-  by construction; far above it means the model copies training images.
+  inside the samples' manifold (do samples cover the data?), with the same N real images as SWD. On
+  Inception features when the weights are there, else on raw pixels; the table says which. Higher
+  is better.
+- Memorised share: samples whose nearest training image (L2 over pixels in [0, 1], among every
+  reference image) is closer than the 1st percentile of the test images' nearest-training-image
+  distances. Its floor is about 0.01 by construction; far above it means the model copies training
+  images.
 
 With the attribute network (attribute_net.py; its weights models/attribute_net.pt are committed;
 --no_attribute_net to skip, and skipped when the file is missing), made for the default data set
 of DiceBear avatars and meaningless on other data. It reads every image set once: the N samples,
 the N test images, and a random ATTRIBUTE_REFERENCE_MAX (10,000) of the reference set, all of it
-when smaller. The cap keeps the CPU cost at 2N + 10,000 images; the reference subset is the same
-for every evaluation with the same seed, so it shifts every run's numbers alike and adds no
-run-to-run noise. Only the heads the network's training found reliable (info["reliable"]) count.
+when smaller. The cap keeps the CPU cost at 2N + 10,000 images; the reference subset is fixed by
+--subset_seed, the same for every row of a study, so it shifts every row's numbers alike. Only the
+heads the network's training found reliable (info["reliable"]) count.
 - Attribute FD: the Frechet distance (as FID) between the network's penultimate features: an
   offline FID that needs no download. Lower is better.
 - Attribute TV: per head, the total variation distance 1/2 sum_k |p_k - q_k| between the
@@ -51,7 +75,10 @@ run-to-run noise. Only the heads the network's training found reliable (info["re
   it is lower than 0.95 because a sample must pass every head at once, and because the network,
   trained on the train set, is surer of those images than of new ones. Higher is better.
 """
+import argparse
 import contextlib
+import functools
+import hashlib
 import itertools
 import json
 import math
@@ -66,11 +93,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import attribute_net
-from cli import ArgumentParser, UserError, atomic_write, output_file, pick_device, positive_int, run_main
+from cli import (ArgumentParser, UserError, atomic_write, make_folder, output_file, pick_device, positive_int,
+                 random_seed, run_main)
 from config import config_to_dict
 from dataset import DatasetError, load_image_folder
 from diffusion import sampler_settings
-from generate import add_sampler_arguments, generate_images, load_model, sampling_plan
+from generate import add_sampler_arguments, generate_images, load_model, sampling_plan, save_grid
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # The TensorFlow FID Inception weights as converted by pytorch-fid; torch-fidelity's
@@ -81,6 +109,9 @@ MEMORISATION_PERCENTILE = 0.01
 FEATURE_BATCH = 200
 ATTRIBUTE_REFERENCE_MAX = 10_000  # reference images the attribute network reads (see the docstring)
 ATTRIBUTE_CONFIDENCE_PERCENTILE = 0.05
+# Part of the cache key: bump it whenever real_statistics computes anything differently, so that
+# files written before are recomputed rather than read.
+REAL_STATISTICS_VERSION = 1
 
 
 def main(argv=None):
@@ -104,9 +135,22 @@ def parse_args(argv=None):
                         help="held-out real images; the same metrics on them against --reference_dir are the floor")
     parser.add_argument("--num_samples", type=positive_int, default=10_000,
                         help="images to generate with --checkpoint (at most the size of the test set is used)")
+    parser.add_argument("--subset_seed", type=random_seed, default=0,
+                        help="every random draw on the real side (the test and reference subsets, SWD's patches "
+                             "and directions, KID's subsets) and the samples' subset; --seed sets only the "
+                             "samples' noise. Keep it fixed across a study: the floor is then a constant")
     parser.add_argument("--output_json",
                         help="also write every number, the sampler, and the configuration the samples were drawn "
                              "with (the checkpoint's, with the sampler flags applied) here")
+    parser.add_argument("--grid", help="also write the first --grid_size samples as one PNG here (with --image_dir: "
+                                       "the folder's first images by name); an existing file needs --overwrite")
+    parser.add_argument("--grid_size", type=grid_size, default="8x4", metavar="NxM",
+                        help="the --grid's columns x rows (default 8x4)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
+    parser.add_argument("--cache_dir", default=os.path.join("checkpoints", "evaluation_cache"),
+                        help="where the real-data statistics are kept between evaluations (see the docstring)")
+    parser.add_argument("--no_cache", action="store_true",
+                        help="compute the real-data statistics afresh, and neither read nor write --cache_dir")
     parser.add_argument("--inception_weights", default=os.path.join("models", INCEPTION_FILE),
                         help="FID Inception weights (state dict); FID and KID are skipped when missing")
     parser.add_argument("--no_download", action="store_true",
@@ -121,6 +165,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def grid_size(text):
+    """argparse type for a grid NxM: N columns, M rows."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NxM (N columns, M rows, each at least 1), such as 8x4")
+    return int(parts[0]), int(parts[1])
+
+
 def run(args):
     if args.num_samples < 2:
         raise UserError(f"--num_samples {args.num_samples}: need at least 2 images")
@@ -128,8 +180,12 @@ def run(args):
         raise UserError(f"--checkpoint {args.checkpoint}: no such file")
     if args.output_json:
         output_file(args.output_json, "--output_json")
+    if args.grid:
+        output_file(args.grid, "--grid")
+        if os.path.exists(args.grid) and not args.overwrite:
+            raise UserError(f"--grid {args.grid} exists: pass --overwrite to replace it, or another --grid")
+    cache_dir = None if args.no_cache else make_folder(args.cache_dir, "--cache_dir")
     device = pick_device(args.device)
-    seed = args.seed
     notes = []
     inception_path = find_inception_weights(args.inception_weights, download=not args.no_download)
     inception = load_inception(inception_path, device) if inception_path else None
@@ -154,6 +210,7 @@ def run(args):
             notes.append(f"generating {n} samples, not {args.num_samples}: samples and floor use the same N, "
                          f"and {args.test_dir} has {len(test)} images")
             print(notes[-1])
+        check_grid_fits(args, n)
         model, config = load_model(args, device)
         plan = sampling_plan(args, config, device, n)
         print(f"sampling in {plan.describe()}")
@@ -165,27 +222,49 @@ def run(args):
         report["config"] = config_to_dict(config)
     else:
         samples = load_folder(args.image_dir, "--image_dir", args.skip_bad_images)
+        check_grid_fits(args, len(samples))
         report["samples"] = {"dir": args.image_dir, "images": len(samples)}
+    if args.grid:
+        columns, rows = args.grid_size
+        save_grid(samples[:columns * rows], columns, rows, args.grid)
+        print(f"wrote {args.grid} ({32 * columns}x{32 * rows} pixels: the first {columns * rows} samples)")
     n = min(len(samples), len(test), len(reference))
     if n <= K_NEAREST + 1:
         raise UserError(f"need more than {K_NEAREST + 1} images in every set, got {n}")
     if n < len(samples):
         notes.append(f"using {n} of the {len(samples)} samples: samples and floor use the same N")
         print(notes[-1])
+    # A stream of its own (the real side's seeds are below 2**32): evaluating the train folder itself
+    # must not pick the reference subset that SWD and precision/recall compare with.
+    samples = samples[subset_index(len(samples), n, torch.Generator().manual_seed(2 ** 32 + args.subset_seed))]
 
-    generator = torch.Generator().manual_seed(seed)
-    samples = random_subset(samples, n, generator)
-    test = random_subset(test, n, generator)
+    key = real_statistics_key(reference, test, n, args.subset_seed, inception_path,
+                              args.attribute_net if attributes is not None else None, device)
+    compute = functools.partial(real_statistics, reference, test, n, args.subset_seed, inception=inception,
+                                attributes=attributes, device=device)
+    real, cache_file, from_cache = cached_real_statistics(cache_dir, key, compute)
+    print("real-data statistics: " + (f"read from the cache {cache_file}" if from_cache else
+                                      f"computed, cached in {cache_file}" if cache_file else
+                                      "computed (--no_cache)"))
     report["n"] = n
     report["device"] = str(device)
-    report["seed"] = seed
-    report.update(evaluate(samples, test, reference, device=device, inception=inception, attributes=attributes,
-                           seed=seed))
+    report["seed"] = args.seed
+    report["subset_seed"] = args.subset_seed
+    report["real_statistics"] = {"cache_file": cache_file, "from_cache": from_cache, "key": key}
+    report.update(evaluate(samples, real, reference, device=device, inception=inception, attributes=attributes))
     if attributes is not None:  # the numbers hold for these weights only
         report["attributes"]["weights"] = {"path": args.attribute_net,
                                            "sha256": attribute_net.sha256_of(args.attribute_net)}
     report["notes"] = notes
     return report
+
+
+def check_grid_fits(args, available):
+    """Before sampling: the --grid needs that many samples."""
+    columns, rows = args.grid_size
+    if args.grid and columns * rows > available:
+        raise UserError(f"--grid_size {columns}x{rows}: needs {columns * rows} samples, and there are {available}; "
+                        f"ask for a smaller grid or more samples")
 
 
 @contextlib.contextmanager
@@ -200,67 +279,171 @@ def full_float32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+# ---- the real side, once; then each set of samples against it -----------------------------------
+
 @full_float32()
-def evaluate(samples, test, reference, *, device="cpu", inception=None, attributes=None, seed=0):
-    """Every metric for samples vs reference and for test vs reference (the floor).
+def real_statistics(reference, test, n, subset_seed=0, *, inception=None, attributes=None, device="cpu"):
+    """Everything the metrics need from the real images alone, for N images and subset_seed.
 
-    samples and test are uint8 N x 3 x H x W with the same N; reference may be larger.
-    attributes: load_attribute_net's (network, reliable heads), or None to skip those metrics.
-    Returns {"metrics": {name: {"samples": value, "floor": value}}, "precision_recall_features": ...,
-    "attributes": the attribute metrics' details, or None}.
+    reference: every reference image, uint8; test: the test images, uint8, of which a random N is the
+    floor's set. attributes: load_attribute_net's (network, reliable heads), or None. Returns a dict
+    of CPU tensors, numbers and strings, which torch.save writes and torch.load(weights_only=True) reads:
+      n, subset_seed
+      test_index                 the N test images of the floor
+      reference_index            a random max(N, ATTRIBUTE_REFERENCE_MAX) of the reference: its first N
+                                 are SWD's and precision/recall's real set, its first
+                                 ATTRIBUTE_REFERENCE_MAX the attribute network's
+      inception                  None, or {"reference": every reference image's features, "test": ...}
+      precision_recall_features  "inception" or "pixels"
+      real_radii                 the real set's k-NN radii in itself: precision's manifold
+      test_nearest               each test image's L2 to its nearest reference image (pixels)
+      memorisation_threshold_l2  their 1st percentile
+      attributes                 None, or {"test": attribute_readings, "reference": attribute_readings}
+      floor                      {metric: the test images' value}, set_scores' metrics; the attribute
+                                 metrics' floors come from attribute_scores, beside the samples'
     """
-    assert len(samples) == len(test), "samples and the floor must use the same N"
-    n = len(samples)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(subset_seed)
+    # The reference order is the first draw of subset_seed's generator:
+    # tools/attribute_metric_checks.reference_subset draws the same one.
     order = torch.randperm(len(reference), generator=generator)
-    # SWD and precision/recall compare sets of equal size: a random N of the reference set.
-    subset = order[:n]
-    metrics = {}
-
+    test_index = subset_index(len(test), n, generator)
+    test = test[test_index]
+    real = {"n": n, "subset_seed": subset_seed, "test_index": test_index,
+            "reference_index": order[:max(n, ATTRIBUTE_REFERENCE_MAX)].clone(), "inception": None,
+            "precision_recall_features": "pixels" if inception is None else "inception", "attributes": None}
     if inception is not None:
-        features = {name: inception_features(inception, images, device, desc=f"Inception features, {name}")
-                    for name, images in (("samples", samples), ("test", test), ("reference", reference))}
-        fid = [frechet_distance(features[name], features["reference"]) for name in ("samples", "test")]
-        kid = [kernel_inception_distance(features[name], features["reference"], seed=seed)
-               for name in ("samples", "test")]
-        metrics["fid"] = pair(*fid)
-        metrics["kid_x1e3"] = pair(kid[0][0] * 1e3, kid[1][0] * 1e3)
-        metrics["kid_x1e3_std"] = pair(kid[0][1] * 1e3, kid[1][1] * 1e3)
-        pr_space = "inception"
-        pr_real, pr_samples, pr_test = features["reference"][subset], features["samples"], features["test"]
-    else:
-        for key in ("fid", "kid_x1e3", "kid_x1e3_std"):
-            metrics[key] = pair(None, None)
-        pr_space = "pixels"
-        pr_real, pr_samples, pr_test = pixels(reference[subset]), pixels(samples), pixels(test)
+        real["inception"] = {name: inception_features(inception, images, device, f"Inception features, {name}")
+                             for name, images in (("reference", reference), ("test", test))}
+    real["real_radii"] = manifold_radii(precision_recall_real_set(real, reference), K_NEAREST, device)
+    real["test_nearest"] = nearest_train_l2(test, reference, device, desc="nearest train image, test")
+    real["memorisation_threshold_l2"] = torch.quantile(real["test_nearest"], MEMORISATION_PERCENTILE).item()
+    if attributes is not None:
+        net, _ = attributes
+        attribute_reference = reference[real["reference_index"][:ATTRIBUTE_REFERENCE_MAX]]
+        real["attributes"] = {"test": attribute_readings(net, test, device, desc="attribute network, test"),
+                              "reference": attribute_readings(net, attribute_reference, device,
+                                                              desc="attribute network, reference")}
+    test_features = real["inception"]["test"] if inception is not None else None
+    real["floor"] = set_scores(test, test_features, real["test_nearest"], real, reference, device)
+    return real
 
-    swd_samples, swd_test = sliced_wasserstein_distance(reference[subset], [samples, test], seed=seed, device=device)
-    for level in swd_samples:
-        metrics[f"swd_x1e3_{level}"] = pair(swd_samples[level], swd_test[level])
 
-    pr = [precision_recall(pr_real, fake, k=K_NEAREST, device=device) for fake in (pr_samples, pr_test)]
-    metrics["precision"] = pair(pr[0][0], pr[1][0])
-    metrics["recall"] = pair(pr[0][1], pr[1][1])
+@full_float32()
+def evaluate(samples, real, reference, *, device="cpu", inception=None, attributes=None):
+    """Every metric for samples vs reference, beside the floor (test vs reference) in `real`.
 
-    memorised = memorisation(samples, test, reference, device=device)
-    metrics["memorised_share"] = memorised["share"]
-    metrics["nearest_train_l2_median"] = memorised["median"]
-
+    samples: uint8 N x 3 x H x W, with real's N; real: real_statistics(reference, ...) made with the
+    same inception and attributes (load_attribute_net's (network, reliable heads), or None to skip
+    those metrics); reference: every reference image (memorisation looks at all of them).
+    Returns {"metrics": {name: {"samples": value, "floor": value}}, "precision_recall_features": ...,
+    "memorisation_threshold_l2": ..., "attributes": the attribute metrics' details, or None}.
+    """
+    assert len(samples) == real["n"], "samples and the floor must use the same N"
+    assert (inception is None) == (real["inception"] is None), "real_statistics was made with other networks"
+    assert (attributes is None) == (real["attributes"] is None), "real_statistics was made with other networks"
+    features = (inception_features(inception, samples, device, "Inception features, samples")
+                if inception is not None else None)
+    nearest = nearest_train_l2(samples, reference, device, desc="nearest train image, samples")
+    scores = set_scores(samples, features, nearest, real, reference, device)
+    metrics = {key: pair(value, real["floor"][key]) for key, value in scores.items()}
     details = None
     if attributes is None:
         for key in ATTRIBUTE_METRICS:
             metrics[key] = pair(None, None)
     else:
         net, heads = attributes
-        # order's first ATTRIBUTE_REFERENCE_MAX: nested with the SWD subset, fixed by the seed.
-        readings = {name: attribute_readings(net, images, device, desc=f"attribute network, {name}")
-                    for name, images in (("samples", samples), ("test", test),
-                                         ("reference", reference[order[:ATTRIBUTE_REFERENCE_MAX]]))}
+        readings = {"samples": attribute_readings(net, samples, device, desc="attribute network, samples"),
+                    **real["attributes"]}
         attribute_result = attribute_scores(readings, heads, net.classes)
         metrics.update(attribute_result.pop("metrics"))
         details = attribute_result
-    return {"metrics": metrics, "precision_recall_features": pr_space,
-            "memorisation_threshold_l2": memorised["threshold"], "attributes": details}
+    return {"metrics": metrics, "precision_recall_features": real["precision_recall_features"],
+            "memorisation_threshold_l2": real["memorisation_threshold_l2"], "attributes": details}
+
+
+def set_scores(images, features, nearest, real, reference, device="cpu"):
+    """One set's metrics against the reference: {metric: value}. The one place where a set is
+    scored: the samples in evaluate(), the test images (the floor) in real_statistics().
+
+    features: the set's Inception features, or None without Inception; nearest: its images' L2 to
+    their nearest reference image (nearest_train_l2)."""
+    n, seed = real["n"], real["subset_seed"]
+    scores = {}
+    if features is None:
+        scores.update(fid=None, kid_x1e3=None, kid_x1e3_std=None)
+        fake = pixels(images)
+    else:
+        reference_features = real["inception"]["reference"]
+        kid_mean, kid_std = kernel_inception_distance(features, reference_features, seed=seed)
+        scores.update(fid=frechet_distance(features, reference_features), kid_x1e3=kid_mean * 1e3,
+                      kid_x1e3_std=kid_std * 1e3)
+        fake = features
+    # Common random numbers (see sliced_wasserstein_distance): scored alone, a set gets the number it
+    # would get beside any other set.
+    swd, = sliced_wasserstein_distance(reference[real["reference_index"][:n]], [images], seed=seed, device=device)
+    scores.update({f"swd_x1e3_{level}": value for level, value in swd.items()})
+    scores["precision"], scores["recall"] = precision_recall(precision_recall_real_set(real, reference), fake,
+                                                             k=K_NEAREST, device=device, real_radii=real["real_radii"])
+    scores["memorised_share"], scores["nearest_train_l2_median"] = memorisation(nearest,
+                                                                                real["memorisation_threshold_l2"])
+    return scores
+
+
+def precision_recall_real_set(real, reference):
+    """The N real points of precision and recall: the first N of the reference order, as features."""
+    index = real["reference_index"][:real["n"]]
+    return real["inception"]["reference"][index] if real["inception"] is not None else pixels(reference[index])
+
+
+def subset_index(size, n, generator):
+    """The indices of a random n of `size` items; all of them, in order, when n >= size."""
+    if n >= size:
+        return torch.arange(size)
+    return torch.randperm(size, generator=generator)[:n].clone()
+
+
+# ---- the cache of the real side ------------------------------------------------------------------
+
+def real_statistics_key(reference, test, n, subset_seed, inception_weights, attribute_weights, device):
+    """What real_statistics' result depends on, as a dict of strings and numbers. The images are
+    hashed decoded (150 MB of uint8 in well under a second): exact, whatever the files' names,
+    formats or dates. Weights are given as file paths, or None where a network is not used."""
+    def file_sha256(path):
+        return attribute_net.sha256_of(path) if path else None
+
+    return {"version": REAL_STATISTICS_VERSION, "reference": images_sha256(reference), "test": images_sha256(test),
+            "n": n, "subset_seed": subset_seed, "inception_weights": file_sha256(inception_weights),
+            "attribute_net": file_sha256(attribute_weights), "device": torch.device(device).type}
+
+
+def images_sha256(images):
+    digest = hashlib.sha256(str(tuple(images.shape)).encode())
+    digest.update(images.contiguous().numpy())
+    return digest.hexdigest()
+
+
+def cached_real_statistics(cache_dir, key, compute):
+    """(real statistics, the cache file or None, whether they were read from it).
+
+    compute() makes them when cache_dir is None, when the key's file is missing, or when it cannot
+    be read or holds another key (one warning line, then it is rewritten)."""
+    if cache_dir is None:
+        return compute(), None, False
+    key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    path = os.path.join(cache_dir, f"real_statistics_{key_hash[:20]}.pt")
+    if os.path.exists(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["key"] == key:
+                return saved["real"], path, True
+            problem = "it holds the statistics of another key"
+        except Exception as e:  # truncated, garbage, or not our format: all the same, recompute
+            problem = f"cannot read it ({type(e).__name__})"
+        print(f"warning: {path}: {problem}; computing the real-data statistics again", file=sys.stderr)
+    real = compute()
+    with atomic_write(path) as f:
+        torch.save({"key": key, "real": real}, f)
+    return real, path, False
 
 
 def pair(samples_value, floor_value):
@@ -307,8 +490,10 @@ def load_inception(path, device):
 
 @torch.no_grad()
 def inception_features(model, images, device, desc="Inception features"):
-    """uint8 N x 3 x 32 x 32 -> float64 N x 2048; the model resizes to 299x299 itself."""
-    out = [model(images[i:i + FEATURE_BATCH].to(device)).double().cpu()
+    """uint8 N x 3 x 32 x 32 -> float32 N x 2048; the model resizes to 299x299 itself. Kept in the
+    network's float32 (the cache holds half the bytes): the Frechet distance and KID compute in
+    float64 themselves."""
+    out = [model(images[i:i + FEATURE_BATCH].to(device)).float().cpu()
            for i in tqdm(range(0, len(images), FEATURE_BATCH), desc=desc, file=sys.stderr)]
     return torch.cat(out)
 
@@ -608,36 +793,38 @@ def inside_any_ball(queries, centres, radii, device="cpu", query_chunk=1024, cen
     return torch.cat(out)
 
 
-def precision_recall(real, fake, k=K_NEAREST, device="cpu"):
+def manifold_radii(points, k=K_NEAREST, device="cpu"):
+    """Each point's distance to its k-th nearest neighbour in the set: the radii of its manifold."""
+    # k + 1 nearest: each point is its own nearest neighbour, at distance 0.
+    return k_nearest_distances(points, points, k + 1, device)[:, k].clone()
+
+
+def precision_recall(real, fake, k=K_NEAREST, device="cpu", real_radii=None):
     """Improved precision and recall (Kynkaanniemi et al. 2019, eq. 1 and 2).
 
     The manifold of a set is the union of balls around its points, each with the radius of the
     point's k-th nearest neighbour in the set. Precision: share of fake points inside the real
-    manifold. Recall: share of real points inside the fake manifold.
+    manifold. Recall: share of real points inside the fake manifold. real_radii: the real set's
+    manifold_radii, when computed before (they depend on the real points alone).
     """
-    # k + 1 nearest: each point is its own nearest neighbour, at distance 0.
-    real_radii = k_nearest_distances(real, real, k + 1, device)[:, k]
-    fake_radii = k_nearest_distances(fake, fake, k + 1, device)[:, k]
+    if real_radii is None:
+        real_radii = manifold_radii(real, k, device)
+    fake_radii = manifold_radii(fake, k, device)
     precision = inside_any_ball(fake, real, real_radii, device).float().mean().item()
     recall = inside_any_ball(real, fake, fake_radii, device).float().mean().item()
     return precision, recall
 
 
-def memorisation(samples, test, reference, device="cpu"):
-    """Share of samples nearer to a training image than the 1st percentile of test images are.
+def nearest_train_l2(images, reference, device="cpu", desc=None):
+    """Each image's L2 distance (pixels in [0, 1]) to its nearest reference image: float N."""
+    return k_nearest_distances(pixels(images), pixels(reference), 1, device, desc=desc)[:, 0].clone()
 
-    Returns {"share": pair, "median": pair} where pair = {"samples": ..., "floor": ...}; the floor
-    of the share is about MEMORISATION_PERCENTILE by construction.
-    """
-    reference = pixels(reference)
-    test_nearest = k_nearest_distances(pixels(test), reference, 1, device, desc="nearest train image, test")[:, 0]
-    sample_nearest = k_nearest_distances(pixels(samples), reference, 1, device,
-                                         desc="nearest train image, samples")[:, 0]
-    threshold = torch.quantile(test_nearest, MEMORISATION_PERCENTILE)
-    return {"share": pair((sample_nearest < threshold).float().mean().item(),
-                          (test_nearest < threshold).float().mean().item()),
-            "median": pair(sample_nearest.median().item(), test_nearest.median().item()),
-            "threshold": threshold.item()}
+
+def memorisation(nearest, threshold):
+    """(memorised share, median nearest distance) of a set's nearest_train_l2 distances: the share
+    is of images nearer to a training image than `threshold`, the test images' 1st percentile
+    (MEMORISATION_PERCENTILE), so the floor's share is about that percentile by construction."""
+    return (nearest < threshold).float().mean().item(), nearest.median().item()
 
 
 # ---- input and output --------------------------------------------------------------------------
@@ -647,12 +834,6 @@ def load_folder(path, flag, skip_bad_images=False):
         return load_image_folder(path, skip_bad_images=skip_bad_images)
     except DatasetError as e:
         raise DatasetError(f"{flag}: {e}") from None
-
-
-def random_subset(images, n, generator):
-    if n >= len(images):
-        return images
-    return images[torch.randperm(len(images), generator=generator)[:n]]
 
 
 ROWS = [  # key, label, format

@@ -13,6 +13,7 @@ exits.
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -81,6 +82,9 @@ def parse_args(argv=None):
                         "same measurement as --precision auto")
     p.add_argument("--log_every", type=positive_int, default=50, help="optimiser steps between loss read-backs")
     p.add_argument("--validation_images", type=positive_int, default=1000, help="size of the fixed validation set")
+    p.add_argument("--no_best_checkpoint", action="store_true",
+                   help="do not write best_validation_checkpoint.pth; validation is still measured and logged "
+                        "(the ablation study scores the final weights)")
     args = p.parse_args(argv)
     args.schedule_epochs, args.num_epochs = args.num_epochs, args.num_epochs or SEED_NUM_EPOCHS
     return args
@@ -98,7 +102,6 @@ def main(argv=None):
     config, resume_from = configure(args, argv, latest_path, procs)
     check_compile(args.compile, procs.device)
     set_precision(procs.device)
-    torch.manual_seed(args.seed)
     train_images, val_images = load_data(args, config, procs)
     plan = choose_training_plan(args, config, procs, resume_from)
     state = build_state(config, procs, args.seed, plan)
@@ -203,8 +206,7 @@ def set_precision(device):
 def choose_training_plan(args, config, procs, resume_from):
     """speed.choose_plan on rank 0 (which says first what it measures), the same plan for every
     process. A resumed run keeps the precision and layout it started with, unless the flags ask
-    for others, so that it continues exactly. choose_plan forks the random streams, so this may run
-    after torch.manual_seed."""
+    for others, so that it continues exactly."""
     saved = (resume_from or {}).get("plan") or {}  # absent before 2026-12-02
     if saved and args.precision == "auto" and args.layout == "auto":
         return Plan(saved["precision"], saved["layout"] == "channels_last", "resumed: the plan this run started with",
@@ -238,15 +240,35 @@ def load_data(args, config, procs):
 
 
 def build_state(config, procs, seed, plan):
-    """A fresh model in the plan's layout, its EMA, the optimiser and the training noise generator."""
+    """A fresh model in the plan's layout, its EMA, the optimiser and the training noise generator,
+    each random stream seeded from --seed by its purpose (stream_seed)."""
+    torch.manual_seed(stream_seed(seed, "init"))
     model = plan.apply(UNet(config).to(procs.device))
+    # Dropout draws from torch's global generator; re-seeded here, its masks do not depend on how
+    # many draws the network's shape took to initialise it.
+    torch.manual_seed(stream_seed(seed, "dropout"))
     if procs.ddp and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         if procs.device.type == "cuda":  # statistics over the global batch, as one process would compute them
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             procs.say("warning: SyncBatchNorm needs GPUs; on the CPU each process normalises by its own share of the batch")
     return TrainingState(model, make_ema(model, config), make_optimizer(model, config, fused=procs.device.type == "cuda"),
-                         torch.Generator(device=procs.device).manual_seed(seed))
+                         torch.Generator(device=procs.device).manual_seed(stream_seed(seed, "noise")))
+
+
+def stream_seed(seed, purpose, *index):
+    """The seed of one random stream of a run: the first 63 bits of sha256("<seed>:<purpose>[:<index>...]").
+    Each purpose has a stream of its own, so that two runs on the same --seed share every stream a
+    variant does not change (a paired ablation), and no stream repeats another's numbers:
+        init            the initial weights
+        dropout         torch's global generator during training: the dropout masks
+        data, <epoch>   the epoch's order of the images and its flip draws (epoch_draws)
+        noise           the training noise levels alpha_bar and the noise eps (batch_draws), saved
+                        in the checkpoint
+    The validation set is fixed apart from --seed (fixed_validation_set), so that every run's
+    validation losses compare."""
+    text = ":".join(str(part) for part in (seed, purpose, *index))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def fixed_validation_set(val_images, config, device):
@@ -392,18 +414,16 @@ def train(args, config, procs, state, train_step, train_images, validation, run,
     with tqdm(total=total(estimate), initial=state.step, disable=not procs.master, unit="step",
               dynamic_ncols=True) as bar:
         while state.epoch < args.num_epochs and stop_reason is None:
-            order = torch.randperm(len(train_images),
-                                   generator=torch.Generator().manual_seed(args.seed * 1_000_003 + state.epoch))
-            order = order.to(train_images.device)  # once an epoch: a copy from the host inside the loop would sync every step
+            order, flips = epoch_draws(args.seed, state.epoch, len(train_images))
+            # once an epoch: a copy from the host inside the loop would sync every step
+            order, flips = order.to(train_images.device), flips.to(device)
             while state.batch_in_epoch < steps_per_epoch:
-                batch = order[state.batch_in_epoch * config.batch_size:(state.batch_in_epoch + 1) * config.batch_size]
-                # Every process draws the whole batch's noise and takes its own slice, so that K
-                # processes train exactly as one process with the same global batch.
-                noise = state.noise_generator
-                x0 = normalise(train_images[batch][mine].to(device, non_blocking=True), config)
-                x0 = augment(x0, config, torch.rand(config.batch_size, device=device, generator=noise)[mine])
-                alpha_bar = sample_alpha_bar(config, config.batch_size, device, noise)[mine]
-                eps = torch.randn((config.batch_size, *x0.shape[1:]), device=device, generator=noise)[mine]
+                # Every process draws the whole batch and takes its own slice, so that K processes
+                # train exactly as one process with the same global batch.
+                batch, u_flip, alpha_bar, eps = (t[mine] for t in batch_draws(config, state.noise_generator, order,
+                                                                              flips, state.batch_in_epoch, device))
+                x0 = normalise(train_images[batch].to(device, non_blocking=True), config)
+                x0 = augment(x0, config, u_flip)
                 window.progress = end.progress(state.step, state.train_seconds)
                 window.loss_sum += train_step(x0, eps, alpha_bar, state.step, window.progress)
                 state.step, state.batch_in_epoch, window.steps = state.step + 1, state.batch_in_epoch + 1, window.steps + 1
@@ -544,7 +564,7 @@ def end_epoch(args, config, procs, state, validation, run, bar, plan):
 
 def validate(args, config, procs, state, validation, run, bar, plan):
     """The fixed validation set's loss for the weights and their EMA, logged, and the best EMA
-    checkpoint."""
+    checkpoint (unless --no_best_checkpoint)."""
     epoch, images_seen = state.epoch, state.step * config.batch_size
     val_loss = evaluate_loss(state.model, *validation, config, plan.autocast_dtype)
     val_loss_ema = evaluate_loss(state.ema, *validation, config, plan.autocast_dtype)
@@ -557,7 +577,8 @@ def validate(args, config, procs, state, validation, run, bar, plan):
         bar.write(f"epoch {epoch} step {state.step}: validation loss {val_loss:.4f} (EMA {val_loss_ema:.4f})")
     if val_loss_ema < state.best_validation_loss:
         state.best_validation_loss = val_loss_ema
-        save(run, "best_validation_checkpoint.pth", state, config, args.preset, procs)
+        if not args.no_best_checkpoint:
+            save(run, "best_validation_checkpoint.pth", state, config, args.preset, procs)
     run.validated_step = state.step
 
 
@@ -571,6 +592,25 @@ def save(run, name, state, config, preset, procs):
 
 
 # ---- one training step: everything that happens per batch ------------------------------------------
+
+def epoch_draws(seed, epoch, num_images):
+    """(order, flip draws) of one epoch, from its own stream (stream_seed "data"): a permutation of
+    the images and one uniform draw per position in it, which flips the image there when < 0.5
+    (dataset.augment). A function of (seed, epoch) alone, so a resume needs no state for them."""
+    generator = torch.Generator().manual_seed(stream_seed(seed, "data", epoch))
+    order = torch.randperm(num_images, generator=generator)
+    return order, torch.rand(num_images, generator=generator)
+
+
+def batch_draws(config, noise_generator, order, flips, batch_in_epoch, device):
+    """(image indices, flip draws, alpha_bar, eps) of the whole global batch at batch_in_epoch:
+    the epoch's slice of order and flips (epoch_draws), then the noise levels and the noise from
+    the noise generator, which nothing else draws from."""
+    part = slice(batch_in_epoch * config.batch_size, (batch_in_epoch + 1) * config.batch_size)
+    alpha_bar = sample_alpha_bar(config, config.batch_size, device, noise_generator)
+    eps = torch.randn((config.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE), device=device, generator=noise_generator)
+    return order[part], flips[part], alpha_bar, eps
+
 
 def make_train_step(train_model, model, ema, optimizer, config, autocast_dtype):
     """A function (x0, eps, alpha_bar, step, progress) -> loss tensor that never waits for the GPU.

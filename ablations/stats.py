@@ -95,19 +95,23 @@ def pooled_variance(differences, references=None):
     return (2 * float(residual @ residual) / df if df else None), df
 
 
-def compare_table(differences, scale="log", pool=True, references=None):
+def compare_table(differences, scale="log", pool=True, references=None, kinds=None):
     """{variant: {seed: d_s}} for the variants of one table (the reference itself left out) ->
-    {variant: Comparison}, by steps 2 and 3 of the rule; references as for pooled_variance. A variant
-    with no shared seed is left out."""
+    {variant: Comparison}, by steps 2 and 3 of the rule; references as for pooled_variance. kinds:
+    {variant: its kind of comparison} (a training change, a re-evaluation): the variance is pooled
+    within a kind only, while Holm's correction spans the whole table. A variant with no shared seed
+    is left out."""
     if scale not in DIFFERENCE_SCALES:
         raise ValueError(f"scale {scale!r} is not one of {DIFFERENCE_SCALES}")
     differences = {v: dict(d) for v, d in differences.items() if len(d)}
-    pooled = pooled_variance(differences, references) if pool else None
+    kind = {v: (kinds or {}).get(v) for v in differences}
+    pooled = {k: pooled_variance({v: d for v, d in differences.items() if kind[v] == k}, references)
+              for k in set(kind.values())} if pool else None
     tests = {}  # variant: (mean, se, df, low, high, p)
     for v, d in differences.items():
         n, mean = len(d), sum(d.values()) / len(d)
         own = (sum((x - mean) ** 2 for x in d.values()) / (n - 1) if n > 1 else None, n - 1)
-        var_d, df = pooled if pool else own
+        var_d, df = pooled[kind[v]] if pool else own
         if not df:
             tests[v] = (mean, None, 0, None, None, None)
             continue

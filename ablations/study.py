@@ -3,14 +3,21 @@ runs at. ablate.py runs it, validates every variant with config.make_config when
 file, and writes the report; nothing here runs anything.
 
 Groups:
-    baseline        the study's reference (preset default), with 3 seeds for its run-to-run spread
+    baseline        the study's reference (preset default), on BASELINE_SEEDS
     path            from the seed's configuration to the default, one change a row, each row
                     keeping the ones before it
     one_at_a_time   the default with one field changed
     sampling        an already-trained run re-evaluated with other sampler settings (no training)
     peer            another architecture, as a reference
+    evaluation_noise  the baseline's seed-0 run scored again from other starting noise: how much of
+                    the spread over seeds is the evaluation's own (no table; the report's header)
 A variant with `of` set re-evaluates the run of the variant it names; its overrides may only
 change the sampler fields (SAMPLER_FIELDS).
+
+The design is paired (ablations/stats.py): every variant trains on the seeds of the run it is
+compared with (VARIANT_SEEDS, a subset of the baseline's BASELINE_SEEDS), so that the two share
+their initial weights, data order and noise draws, and every evaluation of a scale starts from the
+same noise and scores against the same real images (Scale.evaluation_seed).
 
 A scale (SCALES) picks the budget in images seen, the number of samples per evaluation, the
 presets (at the CPU scale `default` means `tiny`) and the variants that run, in one place.
@@ -20,8 +27,11 @@ from dataclasses import dataclass
 
 from config import CHOICES, make_config
 
-GROUPS = ("baseline", "path", "one_at_a_time", "sampling", "peer")
+GROUPS = ("baseline", "path", "one_at_a_time", "sampling", "peer", "evaluation_noise")
 SAMPLER_FIELDS = ("sampler", "sampling_steps", "eta", "clamp_x0")  # what a re-evaluation may change
+BASELINE_SEEDS = (0, 1, 2, 3, 4)  # 5: the baseline's spread, and the pairs of every variant
+VARIANT_SEEDS = (0, 1)            # at least 2, so that every variant has a paired difference to pool
+EVALUATION_NOISE_SEEDS = 4        # the baseline's seed 0 scored from this many other starting noises
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,8 @@ class Variant:
     preset: str = "default"       # a scale may map it (cpu: default -> tiny)
     overrides: tuple = ()         # "key=value" strings, as train.py's --set takes them
     of: str = ""                  # re-evaluate this trained variant's run with `overrides` (sampler fields only)
-    seeds: tuple = (0,)
+    seeds: tuple = VARIANT_SEEDS  # training seeds; the same as its reference's (the pairs)
+    eval_seed: int | None = None  # the starting noise of its samples (None: the scale's evaluation_seed)
     not_runnable: str = ""        # why it cannot run yet; the report lists it with this reason
     note: str = ""                # what the row shows, for the report
 
@@ -48,6 +59,8 @@ class Scale:
     run_minutes_guess: float = 3  # one run, evaluation included, until a finished row says better
     budget_note: str = ""         # how the budget was chosen
     toy: bool = False             # the report says, at its top, that this is not the real study
+    evaluation_seed: int = 0      # every evaluation's starting noise, test subset and reference subset
+    precision: str = "fp32"       # one precision for every run of the scale, training and sampling
 
 
 SCALES = {
@@ -60,7 +73,8 @@ SCALES = {
         "cpu", budget_kimg=4, num_samples=256, folder="ablations/cpu", checkpoints="checkpoints/ablations/cpu",
         presets=(("default", "tiny"),), run_minutes_guess=3,
         variants=("baseline", "noise_cond_none", "norm_batch", "target_x0", "zero_init_on", "lr_schedule_cosine",
-                  "baseline_dpm_10", "baseline_clamp_on"),
+                  "baseline_dpm_10", "baseline_clamp_on",
+                  *[f"evaluation_noise_{k}" for k in range(1, EVALUATION_NOISE_SEEDS + 1)]),
         budget_note="chosen by time, not by the curve: the whole toy study, 10 runs two at a time, took 11.4 "
                     "minutes on this project's 2 CPU cores, and 23 minutes while another engineer's training "
                     "jobs shared them",
@@ -173,11 +187,14 @@ def variants(scale):
     the scale's baseline (ablate.py keeps the scale's subset)."""
     b = make_config(dict(scale.presets).get("default", "default"))
     return [
-        Variant("baseline", "baseline", seeds=(0, 1, 2)),
+        Variant("baseline", "baseline", seeds=BASELINE_SEEDS),
         *path_variants(),
         *one_at_a_time_variants(b),
         *sampling_variants(b),
         Variant("peer_diffusers_unet2d", "peer",
                 not_runnable="no architecture option for diffusers' UNet2DModel yet (config.py has no such field)",
                 note="diffusers' UNet2DModel in its DDPM CIFAR-10 configuration, trained by train.py"),
+        *[Variant(f"evaluation_noise_{k}", "evaluation_noise", of="baseline", seeds=(0,),
+                  eval_seed=scale.evaluation_seed + k, note=f"baseline seed 0, starting noise {scale.evaluation_seed + k}")
+          for k in range(1, EVALUATION_NOISE_SEEDS + 1)],
     ]

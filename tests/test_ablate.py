@@ -1,14 +1,22 @@
-"""Tests for ablate.py and ablations/study.py: the study as data, the plan, the report, and the
-whole study end to end on tiny data through the real scripts (train.py, evaluate.py, generate.py)."""
+"""Tests for ablate.py and ablations/ (the study as data, the plan, the rows and their provenance, the
+report, the curve), and the whole study end to end on tiny data through the real scripts (train.py,
+evaluate.py)."""
 import json
+import math
 import os
 import re
 import shutil
+import signal
+import subprocess
+import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import ablate
+from ablations import curve, plan, report, rows, stats
+from ablations.rows import Setup
 from cli import UserError
 from config import config_to_dict, make_config
 from testkit import PYTHON, REPO, make_avatar_folder, run
@@ -17,7 +25,7 @@ SAMPLER_KEYS = ("sampler", "sampling_steps", "sampling_schedule", "eta", "clamp_
 
 
 def load(scale):
-    return ablate.load_study(os.path.join(REPO, ablate.STUDY), scale)
+    return plan.load_study(os.path.join(REPO, report.STUDY), scale)
 
 
 def training_fields(config):
@@ -37,10 +45,30 @@ def test_every_variant_changes_what_it_claims(scale):
         if v.group == "one_at_a_time":  # exactly its own fields differ from the baseline
             changed = {k for k, value in config_to_dict(config).items() if config_to_dict(base)[k] != value}
             assert changed == {o.partition("=")[0] for o in v.overrides}, v.name
-        if v.of:  # a re-evaluation: its trained run's training, another sampler
+        if v.of and v.group != "evaluation_noise":  # a re-evaluation: its trained run's training, another sampler
             parent = study.config(study.variant(v.of))
             assert training_fields(config) == training_fields(parent), v.name
             assert config != parent, v.name
+        reference = study.reference(v)
+        if reference:  # the pairs: it trains on seeds of the run it is compared with
+            assert set(v.seeds) <= set(study.variant(reference).seeds), v.name
+            assert len(v.seeds) >= (1 if v.group == "evaluation_noise" else 2), v.name
+
+
+def test_relative_variants_have_the_values_they_claim():
+    """Not only which fields change, but by how much: half and double width, half and twice the
+    learning rate, half and double batch, from the baseline; and the evaluation-noise rows."""
+    study = load("gpu")
+    base, config = study.config(study.variant("baseline")), lambda name: study.config(study.variant(name))
+    assert config("width_half").channels == tuple(c // 2 for c in base.channels)
+    assert config("width_double").channels == tuple(c * 2 for c in base.channels)
+    assert math.isclose(config("lr_x0.5").learning_rate, base.learning_rate / 2)
+    assert math.isclose(config("lr_x2").learning_rate, 2 * base.learning_rate)
+    assert config("batch_128").batch_size == 128 < base.batch_size < config("batch_460").batch_size == 2 * base.batch_size
+    assert study.variant("baseline").seeds == (0, 1, 2, 3, 4)
+    noise = [v for v in study.variants if v.group == "evaluation_noise"]
+    assert [v.eval_seed for v in noise] == [study.scale.evaluation_seed + k for k in (1, 2, 3, 4)]
+    assert all(v.of == "baseline" and v.seeds == (0,) for v in noise)
 
 
 @pytest.mark.parametrize("scale", ["gpu", "cpu"])
@@ -79,7 +107,6 @@ def test_the_study_has_what_the_issue_lists():
     assert {"noise_cond_none", "norm_batch", "norm_batch_batch_stats", "attention_16_8", "width_half", "width_double",
             "target_v", "lr_x0.5", "lr_x2", "ema_0.9999", "batch_128", "batch_460", "baseline_ddpm_1000",
             "noise_cond_none_dpm_10", "baseline_clamp_off"} <= names
-    assert study.variant("baseline").seeds == (0, 1, 2)
     assert study.variant("peer_diffusers_unet2d").not_runnable
     assert {v.group for v in study.variants} == set(study.groups)
     cpu = load("cpu")
@@ -91,7 +118,7 @@ def write_study(folder, variants, scale="toy"):
     path = os.path.join(folder, "study.py")
     with open(path, "w") as f:
         f.write("from ablations.study import GROUPS, SAMPLER_FIELDS, Scale, Variant\n"
-                f"SCALES = {{'{scale}': Scale('{scale}', budget_kimg=0.128, num_samples=16, folder='unused', "
+                f"SCALES = {{'{scale}': Scale('{scale}', budget_kimg=0.128, num_samples=32, folder='unused', "
                 f"checkpoints='unused', presets=(('default', 'tiny'),), toy=True, budget_note='a test budget')}}\n"
                 f"def variants(scale):\n    return [{' '.join(variants.split())}]\n")
     return path
@@ -101,20 +128,25 @@ def test_a_typo_in_the_study_fails_when_it_loads(tmp_path):
     path = write_study(tmp_path, 'Variant("baseline", "baseline"), Variant("norm_grup", "one_at_a_time", '
                                  'overrides=("norm=grup",))')
     with pytest.raises(UserError) as error:
-        ablate.load_study(path, "toy")
+        plan.load_study(path, "toy")
     assert str(error.value) == f"{path}: variant norm_grup: --set norm=grup: choose one of batch, group, none"
 
     path = write_study(tmp_path, 'Variant("baseline", "baseline"), Variant("ddim_5", "sampling", of="baseline", '
                                  'overrides=("norm=batch",))')
     with pytest.raises(UserError, match="variant ddim_5: a re-evaluation may only set sampler, sampling_steps"):
-        ablate.load_study(path, "toy")
+        plan.load_study(path, "toy")
     with pytest.raises(UserError, match="--scale gpu: choose one of toy"):
-        ablate.load_study(path, "gpu")
+        plan.load_study(path, "gpu")
+    # Unpaired seeds: a variant trained on a seed that its reference has no run of.
+    path = write_study(tmp_path, 'Variant("baseline", "baseline", seeds=(0, 1)), '
+                                 'Variant("norm_batch", "one_at_a_time", overrides=("norm=batch",), seeds=(1, 2))')
+    with pytest.raises(UserError, match="variant norm_batch: seeds 1, 2 are not all seeds of baseline"):
+        plan.load_study(path, "toy")
 
 
 # ---- the plan --------------------------------------------------------------------------------------
 
-def plan(tmp_path, *flags):
+def planned(tmp_path, *flags):
     args = ablate.parse_args("run", ["--out", str(tmp_path / "out"), "--train_dataset_directory", str(tmp_path),
                                      "--validate_dataset_directory", str(tmp_path), *flags])
     jobs, skipped = ablate.Runner(load("gpu"), args).plan()
@@ -122,31 +154,177 @@ def plan(tmp_path, *flags):
 
 
 def test_shards_split_the_runs_and_keep_a_re_evaluation_with_its_run(tmp_path):
-    everything = plan(tmp_path)
-    shards = [plan(tmp_path, "--shard", f"{i}/3") for i in (1, 2, 3)]
+    everything = planned(tmp_path)
+    shards = [planned(tmp_path, "--shard", f"{i}/3") for i in (1, 2, 3)]
     assert sorted(sum(shards, [])) == sorted(everything) and len(set(everything)) == len(everything)
     assert all(shards) and max(map(len, shards)) - min(map(len, shards)) <= 20
     for shard in shards:
         assert ("noise_cond_none_ddpm_1000", 0) not in shard or ("noise_cond_none", 0) in shard
     # --only a re-evaluation brings its trained run; --seeds applies to both.
-    assert plan(tmp_path, "--only", "baseline_ddim_50", "--seeds", "1,2") == [
+    assert planned(tmp_path, "--only", "baseline_ddim_50", "--seeds", "1,2") == [
         ("baseline", 1), ("baseline_ddim_50", 1), ("baseline", 2), ("baseline_ddim_50", 2)]
-    assert plan(tmp_path, "--group", "baseline") == [("baseline", 0), ("baseline", 1), ("baseline", 2)]
-    with pytest.raises(UserError, match="--only norm_grup: not a variant of scale gpu"):
-        plan(tmp_path, "--only", "norm_grup")
+    assert planned(tmp_path, "--group", "baseline") == [("baseline", s) for s in range(5)]
+    assert planned(tmp_path, "--only", "norm_batch") == [("norm_batch", 0), ("norm_batch", 1)]  # the pairs
     with pytest.raises(UserError, match=r"--shard: '4/3' is not I/K"):
-        plan(tmp_path, "--shard", "4/3")
+        planned(tmp_path, "--shard", "4/3")
+
+
+def test_a_mistyped_variant_is_one_line_that_names_the_near_ones(tmp_path):
+    with pytest.raises(UserError) as error:
+        planned(tmp_path, "--only", "norm_bach")
+    assert str(error.value) == "--only norm_bach: not a variant of scale gpu; did you mean norm_batch?"
+    with pytest.raises(UserError, match="--only lr_x3: not a variant of scale gpu; did you mean lr_x2, lr_x0.5?"):
+        planned(tmp_path, "--only", "lr_x3")
+    with pytest.raises(UserError, match="--only zzz: not a variant of scale gpu; see "):
+        planned(tmp_path, "--only", "zzz")
+
+
+# ---- rows: provenance, staleness, a crash mid-write ---------------------------------------------------
+
+def fake_row(study, setup, name, seed, fd, status="ok", **fields):
+    """A row as runner.Runner.run_job writes one, with made-up metrics (fd: attribute FD)."""
+    v = study.variant(name)
+    metric = lambda x, floor: {"samples": x, "floor": floor}
+    return {"variant": name, "group": v.group, "of": v.of or None, "seed": seed, "eval_seed": 0,
+            "budget_kimg": setup.budget_kimg, "num_samples": setup.num_samples, "run_id": f"{name}-{seed}-{fields.get('tag', '')}",
+            "parent_run": f"{v.of}-{seed}-" if v.of else None, "config_hash": rows.config_hash(study, v),
+            "setup_hash": setup.hash, "status": status, "reason": None if status == "ok" else "train.py exit 1: boom",
+            "date": "2026-12-02T05:00:00", "commit": "abc", "dirty": 0, "torch": "2.14.1", "gpu": None,
+            "cpu": "CPU (test, 2 cores)", "device": "cpu", "precision": "fp32", "wall_seconds": 10.0,
+            "gpu_seconds": None, "train_seconds": None if v.of else 7.5, "img_per_s": 100.0, "val_loss_ema": 0.2,
+            "train_loss": 0.2, "grid": f"grids/{name}_seed{seed}.png",
+            "curve": None if v.of else {"kimg": [1, 2, 3], "train_loss": [0.5, 0.3, 0.2 + seed / 100]},
+            "metrics": {"attribute_fd": metric(fd, 30.0), "swd_x1e3_avg": metric(fd / 10, 2.0),
+                        "attribute_tv_mean": metric(0.1 + fd / 1e4, 0.02), "precision": metric(0.5, 0.7),
+                        "recall": metric(0.4, 0.7)} if status == "ok" else None,
+            **{k: v for k, v in fields.items() if k != "tag"}}
+
+
+def test_a_row_cut_short_by_a_crash_costs_no_other_row(tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    rows.append_row(results, {"variant": "a", "seed": 0})
+    with open(results, "a") as f:
+        f.write('{"variant": "b", "se')  # a crash in the middle of a write
+    rows.append_row(results, {"variant": "c", "seed": 0})  # the next run's row: not glued to the broken one
+    assert [r["variant"] for r in rows.read_rows(tmp_path)] == ["a", "c"]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {results} line 2 is not a whole JSON row")
+
+
+def test_an_edited_variant_and_a_re_evaluation_of_a_rerun_are_stale(tmp_path):
+    path = write_study(tmp_path, '''Variant("baseline", "baseline", seeds=(0, 1)),
+        Variant("lr_x2", "one_at_a_time", overrides=("learning_rate=4e-4",)),
+        Variant("baseline_ddim_5", "sampling", of="baseline", overrides=("sampling_steps=5",))''')
+    study = plan.load_study(path, "toy")
+    setup = Setup.of(study.scale)
+    written = [fake_row(study, setup, "baseline", s, 100.0) for s in (0, 1)]
+    written += [fake_row(study, setup, "lr_x2", s, 90.0) for s in (0, 1)]
+    written += [fake_row(study, setup, "baseline_ddim_5", s, 95.0) for s in (0, 1)]
+    written.append(fake_row(study, Setup.of(study.scale, budget_kimg=1), "baseline", 0, 50.0))  # another setup
+    sorted_out = rows.Rows.of(study, setup, written)
+    assert sorted(sorted_out.current) == sorted((r["variant"], r["seed"]) for r in written[:6])
+    assert sorted_out.stale == [] and sorted_out.other_setups == 1
+    jobs = plan.select(study)
+    assert plan.to_do(jobs, sorted_out) == ([], 6)
+
+    # The study file changes lr_x2, and baseline seed 1 runs again: lr_x2 and the re-evaluation of
+    # seed 1 are stale, and they are what a rerun does.
+    path = write_study(tmp_path, open(path).read().split("return [", 1)[1].rsplit("]", 1)[0]
+                       .replace("learning_rate=4e-4", "learning_rate=8e-4"))
+    study = plan.load_study(path, "toy")
+    written.append(fake_row(study, setup, "baseline", 1, 101.0, tag="rerun"))
+    sorted_out = rows.Rows.of(study, setup, written)
+    assert sorted(((r["variant"], r["seed"]), why) for r, why in sorted_out.stale) == [
+        (("baseline_ddim_5", 1), "its trained run baseline seed 1 was run again since"),
+        (("lr_x2", 0), "its variant was edited since it ran"), (("lr_x2", 1), "its variant was edited since it ran")]
+    todo, skipped = plan.to_do(plan.select(study), sorted_out)
+    assert [job.key for job in todo] == [("lr_x2", 0), ("lr_x2", 1), ("baseline_ddim_5", 1)] and skipped == 3
+    for r in written:
+        rows.append_row(tmp_path / "results.jsonl", r)
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    assert "## Stale rows" in text and "- `lr_x2` seed 0 (2026-12-02T05:00:00): its variant was edited since it ran" in text
+
+
+def test_provenance_counts_untracked_files_but_not_the_studys_own(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    monkeypatch.setattr(rows, "REPO", str(tmp_path))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.jsonl").write_text("")
+    assert rows.provenance(tmp_path / "out")["dirty"] == 0
+    (tmp_path / "new.py").write_text("y = 2\n")  # untracked: dirty too
+    assert rows.provenance(tmp_path / "out")["dirty"] == 1
+    (tmp_path / "a.py").write_text("x = 3\n")
+    info = rows.provenance(tmp_path / "out")
+    assert info["dirty"] == 2 and len(info["commit"]) == 12
+
+
+# ---- the report --------------------------------------------------------------------------------------
+
+def pixel_spread(path):
+    return float(np.asarray(Image.open(path).convert("L"), dtype=float).std())
+
+
+def test_the_report_shows_paired_ratios_from_the_rule_and_its_header(tmp_path):
+    path = write_study(tmp_path, '''Variant("baseline", "baseline", seeds=(0, 1, 2)),
+        Variant("lr_x2", "one_at_a_time", overrides=("learning_rate=4e-4",)),
+        Variant("norm_batch", "one_at_a_time", overrides=("norm=batch",)),
+        Variant("baseline_ddim_5", "sampling", of="baseline", overrides=("sampling_steps=5",)),
+        Variant("evaluation_noise_1", "evaluation_noise", of="baseline", seeds=(0,), eval_seed=1),
+        Variant("evaluation_noise_2", "evaluation_noise", of="baseline", seeds=(0,), eval_seed=2)''')
+    study = plan.load_study(path, "toy")
+    setup = Setup.of(study.scale)
+    base = {0: 100.0, 1: 200.0, 2: 150.0}  # seed noise, which pairing cancels
+    written = [fake_row(study, setup, "baseline", s, fd) for s, fd in base.items()]
+    written += [fake_row(study, setup, "lr_x2", s, base[s] * f) for s, f in ((0, 0.5), (1, 0.52))]  # halves it
+    written += [fake_row(study, setup, "norm_batch", s, base[s] * f) for s, f in ((0, 1.02), (1, 0.97))]
+    written += [fake_row(study, setup, "baseline_ddim_5", s, base[s] * 1.1) for s in (0, 1)]
+    written += [fake_row(study, setup, f"evaluation_noise_{k}", 0, 100.0 * f) for k, f in ((1, 1.05), (2, 0.95))]
+    written.append(fake_row(study, setup, "norm_batch", 2, None, status="failed"))
+    for r in written:
+        rows.append_row(tmp_path / "results.jsonl", r)
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+
+    # The one-at-a-time table is the rule of ablations/stats.py on the paired log differences.
+    differences = {name: {s: math.log(written_fd) - math.log(base[s]) for s, written_fd in fds.items()}
+                   for name, fds in {"lr_x2": {0: 50.0, 1: 104.0}, "norm_batch": {0: 102.0, 1: 194.0}}.items()}
+    expected = stats.compare_table(differences, "log", references={"lr_x2": "baseline", "norm_batch": "baseline"},
+                                   kinds={"lr_x2": "training", "norm_batch": "training"})
+    line = lambda name: next(row for row in text.splitlines() if row.startswith(f"| `{name}` |"))
+    for name, verdict in (("lr_x2", "**helps**"), ("norm_batch", "not significant")):
+        ratio, _ = stats.describe(expected[name])
+        assert f"| {ratio} | {verdict} |" in line(name), line(name)
+    assert ratio.startswith("x1.00 [") or ratio.startswith("x0.99 [")
+    assert "seed 2 failed: train.py exit 1: boom" in line("norm_batch")
+    assert "| `baseline_ddim_5` | sampling_steps=5 | `baseline` | 2 |" in line("baseline_ddim_5")
+    assert "| x1.10 (no interval) |" not in line("baseline_ddim_5")  # pooled over the two seeds: an interval
+    # The header: one floor, the evaluation noise, the baseline's spread, the share of training.
+    assert "attribute_fd 30, the same for every row." in text
+    noise = [100.0, 105.0, 95.0]
+    assert f"gives attribute_fd 95 to 105, a spread (standard deviation of the log) of {report.log_sd(noise):.3f}" in text
+    assert f"a standard deviation of the log of {report.log_sd(base.values()):.3f}" in text
+    finished = [r for r in written if r["status"] == "ok"]
+    share = sum(r["train_seconds"] for r in finished if not r["of"]) / sum(r["wall_seconds"] for r in finished)
+    assert f"training is {share:.0%} of the runs' wall time" in text and share < 0.9
+    for name in ("ratios_one_at_a_time.png", "losses_one_at_a_time.png", "ratios_sampling.png"):
+        assert f"(plots/{name})" in text and pixel_spread(tmp_path / "plots" / name) > 5, name
 
 
 def test_the_report_without_rows_lists_every_variant_as_not_yet_run(tmp_path):
     study = load("gpu")
-    text = open(ablate.write_report(study, str(tmp_path), 500, 1000)).read()
+    text = open(report.write_report(study, str(tmp_path), Setup.of(study.scale))).read()
     not_run = text[text.index("## Not yet run"):]
     for v in study.variants:
         assert f"`{v.name}`" in not_run, v.name
     assert "    bash ablate.sh curve && bash ablate.sh --only baseline,path_A_seed\n" in not_run
+    assert "  - `baseline` (seeds 0, 1, 2, 3, 4): preset default" in not_run
     assert "`peer_diffusers_unet2d`: not runnable yet: no architecture option" in not_run
     assert "**Budget: 500 thousand images seen**" in text and "Not measured yet: `bash ablate.sh curve`" in text
+    assert "- **Evaluation noise**: not measured yet (`bash ablate.sh --group evaluation_noise`)." in text
 
 
 @pytest.mark.parametrize("scale", ["gpu", "cpu"])
@@ -157,83 +335,137 @@ def test_the_committed_report_is_what_its_rows_give(tmp_path, scale):
     for name in os.listdir(folder):
         if name.endswith(".jsonl") or name == "grids":
             (shutil.copytree if name == "grids" else shutil.copy)(os.path.join(folder, name), tmp_path / name)
-    written = ablate.write_report(study, str(tmp_path), study.scale.budget_kimg, study.scale.num_samples)
+    written = report.write_report(study, str(tmp_path), Setup.of(study.scale))
     assert open(written).read() == open(os.path.join(folder, "REPORT.md")).read()
+
+
+# ---- the budget curve ------------------------------------------------------------------------------------
+
+class CurveRunner:
+    """The part of runner.Runner that the curve drives, recording each segment instead of training."""
+
+    def __init__(self, study, out, interrupt_at=None):
+        self.study, self.scale, self.out, self.checkpoints = study, study.scale, str(out), str(out / "runs")
+        self.setup, self.calls, self.interrupt_at = Setup.of(study.scale), [], interrupt_at
+
+    def slots(self):
+        return [(None, "cpu", 2)]
+
+    def run_job(self, job, slot, budget_kimg, run_dir, fresh):
+        if budget_kimg == self.interrupt_at:
+            raise curve.Interrupted
+        self.calls.append((job.variant.name, job.variant.overrides, budget_kimg, run_dir, fresh))
+        row = fake_row(self.study, self.setup, "baseline", job.seed, 1000 / budget_kimg)
+        return {**row, "variant": job.variant.name, "budget_kimg": budget_kimg, "steps": round(budget_kimg * 1000 / 16)}
+
+
+def test_the_curve_trains_one_run_in_segments_and_resumes_where_it_stopped(tmp_path):
+    study = plan.load_study(write_study(tmp_path, 'Variant("baseline", "baseline", seeds=(0, 1))'), "toy")
+    runner = CurveRunner(study, tmp_path, interrupt_at=0.128)
+    assert curve.run_curve(runner) == 130  # 1/4, 1/2, 1 and 2 budgets of 0.128 kimg; stopped at the third
+    assert runner.calls == [("curve_0.032kimg", ("lr_schedule=constant",), 0.032, str(tmp_path / "runs/curve/seed0"), True),
+                            ("curve_0.064kimg", ("lr_schedule=constant",), 0.064, str(tmp_path / "runs/curve/seed0"), False)]
+    runner = CurveRunner(study, tmp_path)
+    assert curve.run_curve(runner) == 0
+    assert [(c[2], c[4]) for c in runner.calls] == [(0.128, False), (0.256, False)]  # the same run, resumed
+    assert [r["budget_kimg"] for r in rows.read_rows(tmp_path, "curve.jsonl")] == [0.032, 0.064, 0.128, 0.256]
+    with pytest.raises(UserError, match="the curve's run is past 0.1 kimg already: pass --fresh"):
+        curve.run_curve(CurveRunner(study, tmp_path), points_kimg=[0.1, 0.5])
+    text = open(tmp_path / "REPORT.md").read()
+    assert "| 0.064 | 4 | 1.562e+04 | 30 | -50% |" in text and "No suggestion: the last point still improved" in text
+
+
+def test_the_suggested_budget_is_where_the_curve_flattens():
+    assert curve.suggest_budget([1000, 500, 300, 280], [1, 2, 4, 8], "fd").startswith("Suggested budget: **4 kimg**")
+    assert curve.suggest_budget([1000, 800, 700], [1, 2, 4], "fd").startswith("Suggested budget: **1 kimg**")
+    assert curve.suggest_budget([1000, 500, 200], [1, 2, 4], "fd").startswith("No suggestion")
 
 
 # ---- the study end to end ----------------------------------------------------------------------------
 
+def results_of(out):
+    return [json.loads(line) for line in open(out / "results.jsonl")]
+
+
 @pytest.mark.slow
 def test_the_study_end_to_end_on_tiny_data(tmp_path):
-    """Two tiny variants, the baseline (2 seeds) and its re-evaluation with another sampler, and
-    a variant that fails (a batch larger than the data), through the real scripts; then a rerun
-    that skips them all, and the report."""
+    """The baseline and a variant on 2 seeds, a variant that fails (a batch larger than the data), a
+    re-evaluation with another sampler and an evaluation-noise row, through the real scripts: stopped
+    by SIGTERM after its first row, then finished by a rerun; an edited re-evaluation is run again."""
     train, val = make_avatar_folder(tmp_path / "train", 64), make_avatar_folder(tmp_path / "val", 32, 1_000_000)
-    study = write_study(tmp_path, """
+    variants = """
         Variant("baseline", "baseline", seeds=(0, 1)),
-        Variant("batch_512", "one_at_a_time", overrides=("batch_size=512",)),
-        Variant("baseline_ddim_5", "sampling", of="baseline", overrides=("sampling_steps=5",)),
-        Variant("peer", "peer", not_runnable="not built in this test")""")
+        Variant("lr_x2", "one_at_a_time", overrides=("learning_rate=4e-3",)),
+        Variant("batch_512", "one_at_a_time", overrides=("batch_size=512",), seeds=(0,)),
+        Variant("baseline_ddim_5", "sampling", of="baseline", overrides=("sampling_steps=5",), seeds=(0,)),
+        Variant("evaluation_noise_1", "evaluation_noise", of="baseline", seeds=(0,), eval_seed=1),
+        Variant("peer", "peer", not_runnable="not built in this test")"""
+    study = write_study(tmp_path, variants)
     out = tmp_path / "out"
     command = [PYTHON, "ablate.py", "--study", study, "--scale", "toy", "--out", out, "--checkpoints", tmp_path / "runs",
                "--train_dataset_directory", train, "--validate_dataset_directory", val, "--device", "cpu"]
+    child = subprocess.Popen([str(c) for c in command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "results.jsonl").exists() or not (out / "results.jsonl").read_text().strip():
+        assert child.poll() is None and time.time() < deadline, child.communicate()[0][-3000:]
+        time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)  # a lease's end, with a run under way on each worker
+    output = child.communicate(timeout=120)[0]
+    assert child.returncode == 130 and "interrupted: the runs under way leave no row" in output, output[-3000:]
+    first = results_of(out)  # every line whole; the runs under way left nothing
+    assert 1 <= len(first) < 7
+
     result = run(command)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "4 runs to do, 0 skipped" in result.stdout
-
-    rows = {(r["variant"], r["seed"]): r for r in map(json.loads, open(out / "results.jsonl"))}
-    assert sorted(rows) == [("baseline", 0), ("baseline", 1), ("baseline_ddim_5", 0), ("batch_512", 0)]
-    failed = rows["batch_512", 0]
+    assert f"{7 - len(first)} runs to do, {len(first)} skipped" in result.stdout
+    by_key = {(r["variant"], r["seed"]): r for r in results_of(out)}
+    assert len(by_key) == 7 == len(results_of(out))
+    failed = by_key["batch_512", 0]
     assert failed["status"] == "failed" and failed["reason"] == (
         f"train.py exit 2: error: --batch_size 512 is larger than the 64 images in {train}: lower --batch_size")
-    for key in [("baseline", 0), ("baseline", 1), ("baseline_ddim_5", 0)]:
-        row = rows[key]
-        assert row["status"] == "ok" and row["reason"] is None, row
-        assert (row["budget_kimg"], row["num_samples"], row["steps"], row["images_seen"]) == (0.128, 16, 8, 128)
-        assert row["torch"] and row["commit"] and row["wall_seconds"] > 0 and row["gpu_seconds"] is None
-        metric = row["metrics"]["attribute_fd"]
-        assert metric["samples"] > 0 and metric["floor"] > 0
-        assert set(row["attribute_tv"]) >= {"skin_color", "hair"} and row["val_loss_ema"] > 0
-        assert Image.open(out / row["grid"]).size == (256, 128)
-    trained = rows["baseline", 0]
-    assert trained["curve"]["kimg"][-1] == 0.128 and trained["config"]["batch_size"] == 16
-    assert failed["config"]["batch_size"] == 512 and failed["overrides"] == ["batch_size=512"]
-    assert trained["metrics"] != rows["baseline", 1]["metrics"]  # the seed reached the runs
+    ok = {key: r for key, r in by_key.items() if r["status"] == "ok"}
+    assert len(ok) == 6
+    for key, row in ok.items():
+        assert (row["budget_kimg"], row["num_samples"], row["steps"], row["images_seen"]) == (0.128, 32, 8, 128), key
+        assert row["torch"] and row["commit"] and isinstance(row["dirty"], int) and row["wall_seconds"] > 0
+        assert row["setup_hash"] == Setup.of(plan.load_study(study, "toy").scale).hash
+        assert Image.open(out / row["grid"]).size == (256, 128) and pixel_spread(out / row["grid"]) > 5
+        assert not os.path.exists(os.path.join(row["run_dir"], "best_validation_checkpoint.pth"))
+    # One evaluation for every row: the floor is a constant; the seed reached the training itself.
+    assert len({r["metrics"]["attribute_fd"]["floor"] for r in ok.values()}) == 1
+    base0, base1 = ok["baseline", 0], ok["baseline", 1]
+    assert base0["curve"]["train_loss"] != base1["curve"]["train_loss"] and base0["eval_seed"] == base1["eval_seed"] == 0
+    assert ok["lr_x2", 0]["config"]["learning_rate"] == 4e-3 != base0["config"]["learning_rate"]
+    noise = ok["evaluation_noise_1", 0]
+    assert noise["eval_seed"] == 1 and noise["metrics"]["attribute_fd"]["samples"] != base0["metrics"]["attribute_fd"]["samples"]
+    sampled = ok["baseline_ddim_5", 0]
+    assert sampled["of"] == "baseline" and sampled["sampler"]["steps"] == 5 and base0["sampler"]["steps"] == 20
+    assert sampled["parent_run"] == base0["run_id"] and set(sampled["step_seconds"]) == {"evaluate.py"}
     # The validation loss of the last step: train.py's own, since 8 steps of 16 end an epoch of 64.
     log = [json.loads(line) for line in open(tmp_path / "runs" / "0.128kimg" / "baseline" / "seed0" / "log.jsonl")]
-    assert trained["val_loss_ema"] == [r for r in log if r["kind"] == "validation"][-1]["val_loss_ema"]
-    sampled = rows["baseline_ddim_5", 0]
-    assert sampled["of"] == "baseline" and sampled["sampler"]["steps"] == 5 and trained["sampler"]["steps"] == 20
-    assert sampled["train_loss"] == trained["train_loss"] and set(sampled["step_seconds"]) == {"evaluate.py", "generate.py"}
+    assert base0["val_loss_ema"] == [r for r in log if r["kind"] == "validation"][-1]["val_loss_ema"]
 
-    # A rerun skips every run with a row; --retry_failed under a deadline that no run fits starts none.
+    # The re-evaluation is edited: its row is stale, and the rerun does that run only. Under a deadline
+    # that no run fits, --retry_failed starts none.
+    write_study(tmp_path, variants.replace("sampling_steps=5", "sampling_steps=4"))
     result = run(command)
-    assert result.returncode == 0 and "0 runs to do, 4 skipped" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "1 runs to do, 6 skipped" in result.stdout, result.stdout + result.stderr
+    assert results_of(out)[-1]["variant"] == "baseline_ddim_5" and results_of(out)[-1]["sampler"]["steps"] == 4
     result = run([*command, "--retry_failed", "--deadline_minutes", "0.01"])
     assert "--deadline_minutes: 1 runs not started: batch_512/0" in result.stdout, result.stdout + result.stderr
-    assert len(open(out / "results.jsonl").readlines()) == 4
 
-    # The report: a table per group, the mark, the per-head verdicts, the failure, the images.
     result = run([PYTHON, "ablate.py", "report", "--study", study, "--scale", "toy", "--out", out])
     assert result.returncode == 0, result.stderr
-    report = open(out / "REPORT.md").read()
-    assert report.startswith("# Ablation study: toy scale (toy)\n\n> **Toy scale.**")
-    base = [rows["baseline", s]["metrics"]["attribute_fd"]["samples"] for s in (0, 1)]
-    spread, mean = max(base) - min(base), sum(base) / 2
-    assert f"| `baseline` | preset tiny | 2 | {mean:.4g} | {spread:.3g} |" in report
-    change = sampled["metrics"]["attribute_fd"]["samples"] - mean
-    line = next(line for line in report.splitlines() if line.startswith("| `baseline_ddim_5` |"))
-    assert line.startswith("| `baseline_ddim_5` | sampling_steps=5 | 1 |") and "re-evaluates baseline" in line
-    assert f"| {change:+.4g}{' *' if abs(change) > spread else ''} |" in line
-    for head, tv in sampled["attribute_tv"].items():
-        theirs = [rows["baseline", s]["attribute_tv"][head] for s in (0, 1)]
-        moved = tv["samples"] - sum(t["samples"] for t in theirs) / 2
-        clear = abs(moved) > max(abs(theirs[0]["samples"] - theirs[1]["samples"]), sum(t["floor"] for t in theirs) / 2)
-        assert (f"{head} {moved:+.2f}" in line) == clear, (head, line)
-    assert "seed 0 failed: train.py exit 2: error: --batch_size 512" in report
-    assert "`peer`: not runnable yet: not built in this test" in report
-    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
-    assert {"plots/bars_baseline.png", "plots/losses_baseline.png", "plots/bars_sampling.png",  # charts, and
-            "grids/baseline_seed0.png", "grids/baseline_ddim_5_seed0.png"} <= set(images)  # the mosaics of grids
+    text = open(out / "REPORT.md").read()
+    assert text.startswith("# Ablation study: toy scale (toy)\n\n> **Toy scale.**")
+    assert "(8 runs, 6 finished, 0 stale" not in text and "6 finished, 1 stale" not in text
+    line = next(row for row in text.splitlines() if row.startswith("| `lr_x2` |"))
+    assert re.search(r"\| `baseline` \| 2 \| [0-9.e+]+ \| x[0-9.]+ \[[0-9.]+, [0-9.]+\] \| (\*\*helps\*\*|\*\*hurts\*\*|not significant) \|", line), line
+    assert "seed 0 failed: train.py exit 2: error: --batch_size 512" in text
+    assert "`peer`: not runnable yet: not built in this test" in text
+    assert "the baseline's seed-0 run scored from 2 starting noises" in text
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert {"plots/ratios_one_at_a_time.png", "plots/losses_baseline.png", "grids/baseline_seed1.png",
+            "grids/baseline_ddim_5_seed0.png"} <= set(images)
     for image in images:
-        assert Image.open(out / image).size[0] > 200, image
+        assert pixel_spread(out / image) > 5, image

@@ -1,8 +1,12 @@
+import io
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import dataset
 from config import make_config
 from dataset import DatasetError, load_image_folder, normalise, to_uint8
 from testkit import make_avatar_folder, one_line_error, run_script, tiny_train_args
@@ -67,6 +71,165 @@ def test_wrong_size_points_to_the_downsampling_script(tmp_path):
     save(tmp_path / "big.png", "RGB", size=(64, 48))
     with pytest.raises(DatasetError, match=r"big\.png: image is 64x48, expected 32x32.*downsample"):
         load_image_folder(str(tmp_path))
+
+
+# ---- the decoded-image cache ---------------------------------------------------------------------
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The names of the files dataset.read_rgb decodes, as they are decoded."""
+    names, read_rgb = [], dataset.read_rgb
+
+    def counting_read_rgb(path):
+        names.append(os.path.basename(path))
+        return read_rgb(path)
+    monkeypatch.setattr(dataset, "read_rgb", counting_read_rgb)
+    return names
+
+
+def test_the_cache_is_written_beside_the_folder_and_then_read_instead_of_decoding(tmp_path, monkeypatch):
+    folder = make_avatar_folder(tmp_path / "images", 6)
+    fresh = load_image_folder(folder, cache=False)
+    first = load_image_folder(folder)
+    assert sorted(os.listdir(tmp_path)) == ["images", "images.cache.npz"]
+    assert sorted(os.listdir(folder)) == [f"{i}.png" for i in range(6)]  # the folder's file list is unchanged
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path} although the cache is up to date")
+    monkeypatch.setattr(dataset, "read_rgb", no_decoding)
+    second = load_image_folder(folder)
+    also = load_image_folder(folder + "/")  # the same folder, the same cache
+    for data in (first, second, also):
+        assert data.dtype == torch.uint8 and data.shape == (6, 3, 32, 32) and data.is_contiguous()
+        assert torch.equal(data, fresh)
+    assert not torch.equal(fresh[0], fresh[1])  # distinct avatars: a shuffled cache would not be equal
+
+
+def change_add(folder):
+    make_avatar_folder(folder, 1, first_index=6)
+
+
+def change_remove(folder):
+    os.remove(os.path.join(folder, "3.png"))
+
+
+def change_rename(folder):
+    # The same files in the same order under another name: the file list changed all the same.
+    os.rename(os.path.join(folder, "5.png"), os.path.join(folder, "50.png"))
+
+
+def change_size_only(folder):
+    # Another image under the same name and with the same modification time: only its size tells.
+    path = os.path.join(folder, "2.png")
+    before = os.stat(path)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size != before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
+
+
+def change_time_only(folder):
+    path = os.path.join(folder, "2.png")
+    before = os.stat(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+
+
+@pytest.mark.parametrize("change, count", [(change_add, 7), (change_remove, 5), (change_rename, 6),
+                                           (change_size_only, 6), (change_time_only, 6)])
+def test_adding_removing_or_rewriting_an_image_decodes_the_folder_again(tmp_path, decoded, change, count):
+    folder = make_avatar_folder(tmp_path / "images", 6)
+    load_image_folder(folder)
+    change(folder)
+    decoded.clear()
+    data = load_image_folder(folder)
+    assert len(decoded) == count  # all of them, not the cached copy
+    assert torch.equal(data, load_image_folder(folder, cache=False))
+    decoded.clear()
+    assert torch.equal(load_image_folder(folder), data) and decoded == []  # the cache was rewritten
+
+
+def test_a_wrong_size_image_added_after_caching_still_stops(tmp_path):
+    folder = make_avatar_folder(tmp_path / "images", 3)
+    load_image_folder(folder)
+    save(tmp_path / "images" / "3.png", "RGB", size=(64, 48))
+    with pytest.raises(DatasetError, match=r"3\.png: image is 64x48, expected 32x32"):
+        load_image_folder(folder)
+
+
+def truncated(data, fingerprint):
+    return data[:len(data) // 2]
+
+
+def empty(data, fingerprint):
+    return b""
+
+
+def foreign_pickle(data, fingerprint):
+    return b"\x80\x04 not for us"
+
+
+def one_image_short(data, fingerprint):
+    # A well-formed cache with the right fingerprint whose array has the wrong shape.
+    buffer = io.BytesIO()
+    np.savez(buffer, fingerprint=np.array(fingerprint), images=np.zeros((2, 3, 32, 32), np.uint8),
+             skipped=np.array([], dtype=str))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage", [truncated, empty, foreign_pickle, one_image_short])
+def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path, decoded, damage):
+    folder = make_avatar_folder(tmp_path / "images", 3)
+    fresh = load_image_folder(folder)
+    cache = tmp_path / "images.cache.npz"
+    with np.load(cache) as saved:
+        fingerprint = saved["fingerprint"].item()
+    cache.write_bytes(damage(cache.read_bytes(), fingerprint))
+    decoded.clear()
+    assert torch.equal(load_image_folder(folder), fresh) and len(decoded) == 3
+    decoded.clear()
+    assert torch.equal(load_image_folder(folder), fresh) and decoded == []
+
+
+def test_a_cache_from_a_skip_run_does_not_hide_a_bad_image(tmp_path, capsys, decoded):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    save(folder / "0.png", "RGB")
+    (folder / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    save(folder / "2.png", "RGB", colour=(1, 2, 3))
+    with pytest.raises(DatasetError) as without_cache:
+        load_image_folder(str(folder), cache=False)
+    assert not (tmp_path / "images.cache.npz").exists()  # a failed load writes no cache
+
+    skipped = load_image_folder(str(folder), skip_bad_images=True)
+    warning = capsys.readouterr().err
+    assert warning == f"warning: skipped 1 undecodable image(s) in {folder}, e.g. {folder / '1.png'}\n"
+    decoded.clear()
+    assert torch.equal(load_image_folder(str(folder), skip_bad_images=True), skipped) and decoded == []
+    assert capsys.readouterr().err == warning  # the same warning from the cache
+
+    with pytest.raises(DatasetError) as with_cache:
+        load_image_folder(str(folder))
+    assert str(with_cache.value) == str(without_cache.value)
+    assert str(with_cache.value).startswith(f"{folder / '1.png'}: cannot decode this image (UnidentifiedImageError)")
+
+
+def test_cache_false_neither_reads_nor_writes_the_cache(tmp_path, decoded):
+    folder = make_avatar_folder(tmp_path / "images", 3)
+    load_image_folder(folder, cache=False)
+    assert os.listdir(tmp_path) == ["images"]
+    load_image_folder(folder)
+    decoded.clear()
+    load_image_folder(folder, cache=False)
+    assert decoded == ["0.png", "1.png", "2.png"]
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_one_warning(tmp_path, capsys):
+    # A folder where the cache should go: the write fails as in a read-only parent folder.
+    folder = make_avatar_folder(tmp_path / "images", 3)
+    (tmp_path / "images.cache.npz").mkdir()
+    assert torch.equal(load_image_folder(folder), load_image_folder(folder, cache=False))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: cannot write the decoded-image cache {tmp_path}")
+    assert sorted(os.listdir(tmp_path)) == ["images", "images.cache.npz"]  # no temporary file left behind
 
 
 @pytest.mark.parametrize("data_range", ["-1,1", "0,1"])

@@ -7,6 +7,7 @@ committed attribute network, and is skipped where models/attribute_net.pt is mis
 """
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -343,14 +344,13 @@ def test_committed_attribute_network_scores_held_out_avatars_at_the_floor(tmp_pa
     images = {name: evaluate.load_image_folder(folder) for name, folder in folders.items()}
     attributes = evaluate.load_attribute_net(attribute_net.WEIGHTS, "cpu")
     assert len(attributes[1]) >= 3  # most heads are reliable
-    m = evaluate.evaluate(images["held_out"], images["test"], images["reference"], attributes=attributes,
-                          seed=0)["metrics"]
+    m = scored(images["held_out"], images["test"], images["reference"], attributes=attributes)["metrics"]
     assert 0.6 < m["attribute_fd"]["samples"] / m["attribute_fd"]["floor"] < 1.6
     assert 0.6 < m["attribute_tv_mean"]["samples"] / m["attribute_tv_mean"]["floor"] < 1.6
     assert 0.6 < m["attribute_mi_mean"]["samples"] / m["attribute_mi_mean"]["floor"] < 1.6
     assert abs(m["attribute_precision"]["samples"] - m["attribute_precision"]["floor"]) < 0.15
-    shifted = evaluate.evaluate(colour_shifted(images["held_out"]), images["test"], images["reference"],
-                                attributes=attributes, seed=0)["metrics"]
+    shifted = scored(colour_shifted(images["held_out"]), images["test"], images["reference"],
+                     attributes=attributes)["metrics"]
     # At N = 64 the floor is mostly the estimate's bias (256 features); the shift adds about as much again.
     assert shifted["attribute_fd"]["samples"] > 1.5 * shifted["attribute_fd"]["floor"]
 
@@ -365,14 +365,19 @@ def image_sets():
             "copies": reference[:256].clone()}
 
 
+def scored(samples, test, reference, **networks):
+    """evaluate.evaluate of the samples against real_statistics (subset_seed 0) of test and reference."""
+    real = evaluate.real_statistics(reference, test, len(samples), **networks)
+    return evaluate.evaluate(samples, real, reference, **networks)
+
+
 def scores(image_sets, samples):
-    return evaluate.evaluate(samples, image_sets["test"], image_sets["reference"], seed=0)
+    return scored(samples, image_sets["test"], image_sets["reference"])
 
 
 def test_fresh_samples_score_about_the_floor(image_sets, attribute_net_file):
     attributes = evaluate.load_attribute_net(attribute_net_file, "cpu")
-    result = evaluate.evaluate(image_sets["fresh"], image_sets["test"], image_sets["reference"],
-                               attributes=attributes, seed=0)
+    result = scored(image_sets["fresh"], image_sets["test"], image_sets["reference"], attributes=attributes)
     m = result["metrics"]
     assert result["precision_recall_features"] == "pixels"
     assert m["fid"] == {"samples": None, "floor": None}  # no Inception network given
@@ -401,12 +406,27 @@ def test_distorted_samples_score_clearly_worse_than_the_floor(image_sets, distor
 
 
 def test_copies_of_training_images_are_memorised(image_sets):
-    m = scores(image_sets, image_sets["copies"])["metrics"]
+    reference = image_sets["reference"]
+    real = evaluate.real_statistics(reference, image_sets["test"], 256)
+    m = evaluate.evaluate(image_sets["copies"], real, reference)["metrics"]
     assert m["memorised_share"]["samples"] == 1.0
     assert m["nearest_train_l2_median"]["samples"] == 0.0
     half = torch.cat([image_sets["copies"][:128], image_sets["fresh"][:128]])
-    share = evaluate.memorisation(half, image_sets["test"], image_sets["reference"])["share"]
-    assert 0.5 <= share["samples"] <= 0.52
+    share, _ = evaluate.memorisation(evaluate.nearest_train_l2(half, reference), real["memorisation_threshold_l2"])
+    assert 0.5 <= share <= 0.52
+
+
+def test_the_floors_own_test_images_score_exactly_the_floor(image_sets, attribute_net_file):
+    """One function scores both sides: given the floor's N test images as samples, every metric is its floor."""
+    attributes = evaluate.load_attribute_net(attribute_net_file, "cpu")
+    reference = image_sets["reference"]
+    real = evaluate.real_statistics(reference, image_sets["test"], 64, subset_seed=3, attributes=attributes)
+    assert len(set(real["test_index"].tolist())) == 64
+    result = evaluate.evaluate(image_sets["test"][real["test_index"]], real, reference, attributes=attributes)
+    assert set(result["metrics"]) >= {"swd_x1e3_avg", "precision", "memorised_share", *evaluate.ATTRIBUTE_METRICS}
+    for key, values in result["metrics"].items():
+        assert values["samples"] == values["floor"], key
+    assert result["metrics"]["swd_x1e3_avg"]["floor"] > 0 and result["metrics"]["attribute_fd"]["floor"] > 0
 
 
 # ---- the command line ----------------------------------------------------------------------------
@@ -438,8 +458,11 @@ def test_image_dir_without_inception_writes_table_and_json(folders, attribute_ne
     assert "FID skipped: put pt_inception-2015-12-05-6726825d.pth in models/\n" in out
     assert "using 32 of the 48 samples: samples and floor use the same N" in out
     report = json.loads(out_json.read_text())
-    assert report["n"] == 32
+    assert report["n"] == 32 and report["seed"] == 0 and report["subset_seed"] == 0
     assert report["samples"] == {"dir": folders["fresh"], "images": 48}
+    cache_file = report["real_statistics"]["cache_file"]  # the default --cache_dir, relative to the working folder
+    assert Path(cache_file).parent == Path("checkpoints", "evaluation_cache") and (tmp_path / cache_file).is_file()
+    assert f"real-data statistics: computed, cached in {cache_file}\n" in out
     assert report["reference"]["images"] == 64 and report["test"]["images"] == 32
     assert report["precision_recall_features"] == "pixels"
     assert report["metrics"]["fid"] == {"samples": None, "floor": None}
@@ -474,7 +497,8 @@ def test_attribute_metrics_are_skipped(how, folders, attribute_net_file, tmp_pat
     out_json = tmp_path / "eval.json"
     code, out, err = run_main(capsys, "--image_dir", folders["fresh"], "--reference_dir", folders["reference"],
                               "--test_dir", folders["test"], "--output_json", out_json, "--no_download",
-                              "--inception_weights", tmp_path / "none.pth", *flag, "--device", "cpu")
+                              "--inception_weights", tmp_path / "none.pth", *flag, "--device", "cpu",
+                              "--cache_dir", tmp_path / "cache")
     assert code == 0, err
     note = f"attribute metrics skipped: no attribute network at {missing}"
     assert (note + "\n" in out) == (how == "missing_file")
@@ -498,7 +522,7 @@ def test_fid_path_runs_with_a_random_inception_state_dict(folders, tmp_path, cap
     out_json = tmp_path / "eval.json"
     code, out, err = run_main(capsys, "--image_dir", small["fresh"], "--reference_dir", small["reference"],
                               "--test_dir", small["test"], "--inception_weights", weights, "--output_json", out_json,
-                              "--no_attribute_net", "--device", "cpu")
+                              "--no_attribute_net", "--device", "cpu", "--cache_dir", tmp_path / "cache")
     assert code == 0, err
     assert "FID skipped" not in out
     report = json.loads(out_json.read_text())
@@ -510,12 +534,177 @@ def test_fid_path_runs_with_a_random_inception_state_dict(folders, tmp_path, cap
     assert "Inception features, reference" in err  # the progress bar of the feature pass
 
 
+# ---- the two seeds, the cache of the real side, the grid -----------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A randomly initialised tiny network in a checkpoint as train.py writes one: its samples are noise,
+    which is enough to tell one --seed's samples from another's, in a second."""
+    import checkpoint
+    from config import make_config
+    from unet import UNet
+    config = make_config("tiny", ["channels=(8,8,8,8)"])
+    torch.manual_seed(0)
+    model = UNet(config)
+    state = checkpoint.TrainingState(model, model, torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator())
+    path = tmp_path_factory.mktemp("checkpoint") / "latest_model.pth"
+    checkpoint.write(path, state.to_checkpoint(config, "tiny"))
+    return path
+
+
+SAMPLING = ["--steps", 2, "--precision", "fp32", "--layout", "contiguous", "--compile", "off", "--device", "cpu"]
+
+
+def evaluated(capsys, tmp_path, folders, *argv):
+    """evaluate.py on the tiny folders (a --test_dir in argv replaces folders["test"]): (report, stdout, stderr)."""
+    out_json = tmp_path / "eval.json"
+    code, out, err = run_main(capsys, "--reference_dir", folders["reference"], "--test_dir", folders["test"],
+                              "--no_download", "--inception_weights", tmp_path / "none.pth",
+                              "--output_json", out_json, *argv)
+    assert code == 0, err
+    return json.loads(out_json.read_text()), out, err
+
+
+def test_the_floor_moves_with_subset_seed_not_with_seed(tiny_checkpoint, folders, attribute_net_file, tmp_path,
+                                                        capsys):
+    def columns(seed, subset_seed):
+        report, _, _ = evaluated(capsys, tmp_path, folders, "--checkpoint", tiny_checkpoint, "--num_samples", 16,
+                                 "--attribute_net", attribute_net_file, "--seed", seed, "--subset_seed", subset_seed,
+                                 "--no_cache", *SAMPLING)  # no cache: each floor is computed, not read
+        assert (report["seed"], report["subset_seed"], report["n"]) == (seed, subset_seed, 16)
+        m, attributes = report["metrics"], report["attributes"]
+        # The most raised MI pair is the samples' choice, and its floor that pair's: every pair's floor counts instead.
+        floor = {key: v["floor"] for key, v in m.items() if key != "attribute_mi_top_pair"}
+        floor.update({f"MI {pair}": v["floor"] for pair, v in attributes["mi"].items()})
+        floor.update({f"TV {head}": v["floor"] for head, v in attributes["tv"].items()})
+        return floor, {key: v["samples"] for key, v in m.items()}
+
+    floor, samples = columns(seed=0, subset_seed=0)
+    other_seed_floor, other_seed_samples = columns(seed=1, subset_seed=0)
+    other_subset_floor, _ = columns(seed=0, subset_seed=1)
+    assert other_seed_floor == floor  # every metric's floor, to the bit
+    assert {key for key, value in floor.items() if value is None} == {"fid", "kid_x1e3", "kid_x1e3_std"}
+    moved = ("swd_x1e3_32", "swd_x1e3_16", "nearest_train_l2_median", "attribute_fd", "attribute_tv_mean")
+    for key in moved:
+        assert other_seed_samples[key] != samples[key], key  # --seed does reach the samples
+        assert other_subset_floor[key] != floor[key], key  # another 16 of the 32 test images, another reference subset
+
+
+def test_cached_real_statistics_give_the_same_numbers_and_follow_the_data(folders, attribute_net_file, tmp_path,
+                                                                          capsys, monkeypatch):
+    computed = []  # the N of every real_statistics call
+    real_statistics = evaluate.real_statistics
+
+    def counted(*args, **kwargs):
+        computed.append(args[2])
+        return real_statistics(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "real_statistics", counted)
+    test_dir = tmp_path / "test"
+    shutil.copytree(folders["test"], test_dir)
+    cache = tmp_path / "cache"
+
+    def run_on(image_dir, *flags):
+        return evaluated(capsys, tmp_path, folders, "--image_dir", image_dir, "--test_dir", test_dir,
+                         "--attribute_net", attribute_net_file, "--device", "cpu", *flags)
+
+    fresh, out, _ = run_on(folders["fresh"], "--no_cache")
+    assert "real-data statistics: computed (--no_cache)\n" in out and not cache.exists()
+    assert fresh["real_statistics"] == {"cache_file": None, "from_cache": False, "key": fresh["real_statistics"]["key"]}
+    first, out, _ = run_on(folders["fresh"], "--cache_dir", cache)
+    cache_file = first["real_statistics"]["cache_file"]
+    assert [str(p) for p in cache.iterdir()] == [cache_file]
+    assert f"real-data statistics: computed, cached in {cache_file}\n" in out
+    second, out, _ = run_on(folders["fresh"], "--cache_dir", cache)
+    assert f"real-data statistics: read from the cache {cache_file}\n" in out
+    assert second["real_statistics"]["from_cache"]
+    assert computed == [32, 32]  # the third run computed nothing on the real side
+    for report in (first, second):  # exactly the numbers of a fresh evaluation
+        assert report["metrics"] == fresh["metrics"]
+        assert report["attributes"] == fresh["attributes"]
+
+    run_on(folders["copies"], "--cache_dir", cache)  # 16 samples: N = 16
+    flip = Image.Transpose.FLIP_LEFT_RIGHT
+    Image.open(test_dir / "0.png").transpose(flip).save(test_dir / "0.png")
+    changed, out, _ = run_on(folders["fresh"], "--cache_dir", cache)  # one test image changed in place
+    assert computed == [32, 32, 16, 32] and len(list(cache.iterdir())) == 3
+    assert "real-data statistics: computed, cached in" in out
+    assert changed["metrics"]["swd_x1e3_avg"]["floor"] != fresh["metrics"]["swd_x1e3_avg"]["floor"]
+    Image.open(test_dir / "0.png").transpose(flip).save(test_dir / "0.png")  # the same pixels, a newer file
+    again, out, _ = run_on(folders["fresh"], "--cache_dir", cache)
+    assert computed == [32, 32, 16, 32] and again["real_statistics"]["cache_file"] == cache_file
+    assert again["metrics"] == fresh["metrics"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "another_key"])
+def test_a_damaged_cache_file_is_computed_again_with_a_warning(damage, folders, tmp_path, capsys):
+    flags = ["--image_dir", folders["fresh"], "--no_attribute_net", "--device", "cpu",
+             "--cache_dir", tmp_path / "cache"]
+    first, _, _ = evaluated(capsys, tmp_path, folders, *flags)
+    cache_file = first["real_statistics"]["cache_file"]
+    if damage == "garbage":
+        Path(cache_file).write_bytes(b"not a cache file")
+        problem = "cannot read it (UnpicklingError)"
+    else:  # a file under this key's name that holds another key's statistics is never used
+        saved = torch.load(cache_file, weights_only=True)
+        saved["key"]["n"] = 31
+        torch.save(saved, cache_file)
+        problem = "it holds the statistics of another key"
+    report, out, err = evaluated(capsys, tmp_path, folders, *flags)
+    warnings = [line for line in err.splitlines() if line.startswith("warning")]
+    assert warnings == [f"warning: {cache_file}: {problem}; computing the real-data statistics again"]
+    assert f"real-data statistics: computed, cached in {cache_file}\n" in out
+    assert report["metrics"] == first["metrics"]
+    assert torch.load(cache_file, weights_only=True)["key"] == first["real_statistics"]["key"]  # rewritten
+    _, out, err = evaluated(capsys, tmp_path, folders, *flags)
+    assert "real-data statistics: read from the cache" in out and "warning" not in err
+
+
+def test_grid_shows_the_first_samples_and_keeps_an_existing_file(tiny_checkpoint, folders, tmp_path, capsys,
+                                                                 monkeypatch):
+    generated = []
+    generate_images = evaluate.generate_images
+
+    def recorded(*args, **kwargs):
+        generated.append(generate_images(*args, **kwargs))
+        return generated[-1]
+
+    monkeypatch.setattr(evaluate, "generate_images", recorded)
+    grid = tmp_path / "grid.png"
+    flags = ["--checkpoint", tiny_checkpoint, "--no_attribute_net", "--cache_dir", tmp_path / "cache", *SAMPLING]
+    _, out, _ = evaluated(capsys, tmp_path, folders, *flags, "--num_samples", 16, "--grid", grid, "--grid_size", "4x2")
+    assert f"wrote {grid} (128x64 pixels: the first 8 samples)\n" in out
+    pixels = np.asarray(Image.open(grid))
+    assert pixels.shape == (64, 128, 3)
+    samples = generated[0].permute(0, 2, 3, 1).numpy()
+    assert len(samples) == 16 and samples[:8].std() > 5  # not one flat colour
+    for i in range(8):  # 4 columns, 2 rows, row by row, no padding
+        row, column = divmod(i, 4)
+        assert (pixels[32 * row:32 * row + 32, 32 * column:32 * column + 32] == samples[i]).all(), i
+
+    code, _, err = run_main(capsys, *flags, "--reference_dir", folders["reference"], "--test_dir", folders["test"],
+                            "--no_download", "--num_samples", 16, "--grid", grid, "--grid_size", "4x2")
+    assert code == 2
+    assert err.strip() == f"error: --grid {grid} exists: pass --overwrite to replace it, or another --grid"
+    assert len(generated) == 1 and (np.asarray(Image.open(grid)) == pixels).all()  # refused before sampling
+
+    # Fewer samples, the same --seed: the same first 8 (image i has its own random stream), so every
+    # variant's grid starts from the same noise; another --seed draws other images.
+    evaluated(capsys, tmp_path, folders, *flags, "--num_samples", 8, "--grid", grid, "--grid_size", "4x2",
+              "--overwrite")
+    assert (np.asarray(Image.open(grid)) == pixels).all()
+    evaluated(capsys, tmp_path, folders, *flags, "--num_samples", 8, "--grid", grid, "--grid_size", "4x2",
+              "--overwrite", "--seed", 1)
+    assert (np.asarray(Image.open(grid)) != pixels).any()
+
+
 @pytest.mark.parametrize("case", ["no_source", "reference_missing", "wrong_size", "checkpoint_missing",
                                   "num_samples", "output_json", "garbage_weights", "foreign_state_dict", "too_few",
-                                  "batch_size", "steps", "eta", "damaged_attribute_net"])
+                                  "batch_size", "steps", "eta", "damaged_attribute_net", "grid_size", "grid_too_large",
+                                  "cache_dir"])
 def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
     sets = ["--reference_dir", folders["reference"], "--test_dir", folders["test"], "--no_download",
-            "--inception_weights", tmp_path / "none.pth", "--device", "cpu"]
+            "--inception_weights", tmp_path / "none.pth", "--device", "cpu", "--cache_dir", tmp_path / "cache"]
     if case == "no_source":
         code, _, err = run_main(capsys, *sets)
         assert code == 2 and "one of the arguments --checkpoint --image_dir is required" in err
@@ -558,6 +747,16 @@ def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
         (tmp_path / "attribute_net.pt.sha256").write_text("0" * 64 + "  attribute_net.pt\n")
         argv, expected = (["--image_dir", folders["fresh"], *sets, "--attribute_net", weights],
                           f"error: {weights}: its sha256 does not match {weights}.sha256")
+    elif case == "grid_size":
+        argv, expected = (["--image_dir", folders["fresh"], *sets, "--grid", tmp_path / "g.png", "--grid_size", "8by4"],
+                          "error: argument --grid_size: '8by4' is not NxM (N columns, M rows, each at least 1)")
+    elif case == "grid_too_large":
+        argv, expected = (["--image_dir", folders["fresh"], *sets, "--grid", tmp_path / "g.png", "--grid_size", "8x8"],
+                          "error: --grid_size 8x8: needs 64 samples, and there are 48")
+    elif case == "cache_dir":
+        (tmp_path / "a_file").write_text("")
+        argv, expected = (["--image_dir", folders["fresh"], *sets, "--cache_dir", tmp_path / "a_file"],
+                          f"error: --cache_dir {tmp_path / 'a_file'}: cannot create this folder")
     elif case == "too_few":
         few = write_folder(tmp_path / "few", synthetic_images(4, seed=9))
         argv, expected = ["--image_dir", few, *sets], "error: need more than 4 images in every set, got 4"
@@ -570,7 +769,8 @@ def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
 @pytest.mark.slow
 def test_launcher_exits_nonzero_without_traceback(tmp_path):
     result = subprocess.run(["bash", str(REPO / "evaluate.sh"), "--image_dir", tmp_path, "--reference_dir",
-                             tmp_path / "nowhere", "--no_download", "--inception_weights", tmp_path / "none.pth"],
+                             tmp_path / "nowhere", "--no_download", "--inception_weights", tmp_path / "none.pth",
+                             "--cache_dir", tmp_path / "cache"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -594,7 +794,7 @@ def test_checkpoint_end_to_end(folders, tmp_path):
     result = subprocess.run(["bash", str(REPO / "evaluate.sh"), "--checkpoint", run_dir / "latest_model.pth",
                              "--num_samples", "16", "--steps", "2", "--reference_dir", folders["reference"],
                              "--test_dir", folders["test"], "--inception_weights", weights, "--no_download",
-                             "--device", "cpu", "--output_json", out_json],
+                             "--device", "cpu", "--output_json", out_json, "--cache_dir", tmp_path / "cache"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"FID skipped: put pt_inception-2015-12-05-6726825d.pth in {weights.parent}/" in result.stdout

@@ -136,3 +136,18 @@ def test_detectable_ratio():
     ratios = [detectable_ratio(0.1, n) for n in (2, 3, 5, 10)]
     assert ratios == sorted(ratios, reverse=True) and ratios[-1] > 1
     assert detectable_ratio(0.05, 5) < detectable_ratio(0.1, 5) < detectable_ratio(0.2, 5)
+
+
+def test_kinds_pool_apart_and_holm_spans_the_table():
+    """A re-evaluation (one network, two samplers) is far less noisy than a training change: pooled
+    together, the training changes' noise would hide its effect; pooled by kind, it is found."""
+    training = {"t1": {0: 0.3, 1: -0.3}, "t2": {0: -0.2, 1: 0.25}}
+    resampled = {"r": {0: 0.101, 1: 0.099, 2: 0.100}}
+    mixed = compare_table({**training, **resampled})
+    assert not mixed["r"].significant
+    kinds = {"t1": "training", "t2": "training", "r": "re-evaluation"}
+    apart = compare_table({**training, **resampled}, kinds=kinds)
+    assert apart["r"].significant and apart["r"].se < mixed["r"].se / 10
+    assert (apart["t1"].se, apart["t1"].df) == (pytest.approx(math.sqrt(pooled_variance(training)[0] / 2)), 2)
+    # Holm counts all three p-values, not only those of one kind.
+    assert [apart[v].p_holm for v in ("t1", "t2", "r")] == pytest.approx(holm([apart[v].p for v in ("t1", "t2", "r")]))

@@ -66,7 +66,8 @@ def assert_same_tensors(a, b, where=""):
 @pytest.mark.slow
 def test_interrupt_and_resume_is_exact(data, tmp_path):
     # 64 images in batches of 16: 4 steps an epoch, so a stop after 6 steps is mid-epoch.
-    # Dropout and flips are on, so the RNG states have to be restored too.
+    # Dropout and flips are on, so the RNG state has to be restored too, and the epoch's flips
+    # redrawn at the same positions.
     extra = ("--set", "dropout=0.2", "--set", "hflip=true", "--seed", "3", "--log_every", 2)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(data, straight, "--max_steps", 10, *extra)
@@ -108,6 +109,14 @@ def test_checkpoint_holds_everything_and_loads_weights_only(data, tmp_path):
                                             "log.jsonl", "loss_curve.png"]
     written = [(r["step"], r["name"]) for r in log_records(tmp_path, "checkpoint") if not r["name"].startswith("best")]
     assert written == [(4, "1.pth"), (4, "latest_model.pth"), (8, "2.pth"), (8, "latest_model.pth")]
+
+
+@pytest.mark.slow
+def test_no_best_checkpoint_writes_none_and_still_validates(data, tmp_path):
+    train(data, tmp_path, "--max_steps", 8, "--no_best_checkpoint")
+    assert sorted(os.listdir(tmp_path)) == ["latest_model.pth", "log.jsonl", "loss_curve.png"]
+    assert [r["step"] for r in log_records(tmp_path, "validation")] == [4, 8]
+    assert [r["name"] for r in log_records(tmp_path, "checkpoint")] == ["latest_model.pth"]
 
 
 @pytest.mark.slow
@@ -414,3 +423,66 @@ def test_the_compile_cache_is_persistent_and_movable(monkeypatch, tmp_path):
 def test_a_run_that_stops_at_a_limit_mid_epoch_is_validated_there(data, tmp_path):
     train(data, tmp_path, "--max_kimg", 0.096, "--validate_every", 1000)  # 6 steps: an epoch is 4
     assert [r["step"] for r in log_records(tmp_path, "validation")] == [6]
+
+
+# ---- the random streams: one per purpose, derived from --seed ---------------------------------------------
+
+def first_draws(overrides=(), seed=0, steps=3, num_images=64):
+    """What a fresh run of train.py draws: the initial weights, torch's global stream after the
+    model is built (dropout), and the first `steps` batches' (indices, flips, alpha_bar, eps) of
+    epoch 0, through build_state, epoch_draws and batch_draws, the functions the loop calls."""
+    from config import make_config
+    from speed import Plan
+    from train import Processes, batch_draws, build_state, epoch_draws
+    config = make_config("tiny", ["hflip=true", "noise_sampling=uniform_alpha_bar", *overrides])
+    state = build_state(config, Processes(torch.device("cpu")), seed, Plan("fp32", False, "test"))
+    dropout = torch.rand(8)
+    order, flips = epoch_draws(seed, 0, num_images)
+    batches = [batch_draws(config, state.noise_generator, order, flips, i, torch.device("cpu")) for i in range(steps)]
+    return weights(state.model), dropout, batches
+
+
+def test_networks_of_other_shapes_on_one_seed_draw_the_same_data_and_noise():
+    """A paired ablation: a variant that changes the network's shape (and so how many draws its
+    initialisation takes) sees the same order, flips, noise levels, noise and dropout stream."""
+    small_weights, small_dropout, small = first_draws(["channels=(8,8,8,8)"])
+    large_weights, large_dropout, large = first_draws(["channels=(16,32,32,32)"])
+    assert len(small_weights) < len(large_weights)
+    assert torch.equal(small_dropout, large_dropout)
+    for step, (a, b) in enumerate(zip(small, large)):
+        for name, x, y in zip(("order", "flips", "alpha_bar", "eps"), a, b):
+            assert torch.equal(x, y), (step, name)
+    assert not torch.equal(small[0][3], small[1][3])  # each step draws new noise
+    # The order and flips are the epoch's at their position, whatever the noise generator drew before
+    # (a variant that draws more noise, or a resume, keeps them).
+    from config import make_config
+    from train import batch_draws, epoch_draws
+    order, flips, _, _ = batch_draws(make_config("tiny"), torch.Generator(), *epoch_draws(0, 0, 64), 2, torch.device("cpu"))
+    assert torch.equal(order, small[2][0]) and torch.equal(flips, small[2][1])
+
+
+def correlation(a, b):
+    return torch.corrcoef(torch.stack([a[:len(b)], b[:len(a)]]))[0, 1].item()
+
+
+def test_the_first_layers_weights_and_the_first_batchs_draws_are_uncorrelated():
+    # One seed for both once made the first layer's uniform initialisation an affine map of the
+    # first batch's flip draws (correlation 1.0). A batch of 256, so that independent streams'
+    # correlation is about N(0, 1/256); the first layer has 1024 weights.
+    initial, _, [(_, flips, alpha_bar, eps)] = first_draws(["batch_size=256"], steps=1, num_images=256)
+    # uniform_alpha_bar: alpha_bar is the noise stream's uniform draws themselves
+    for draws in (flips, alpha_bar, eps.flatten()):
+        assert abs(correlation(initial, draws)) < 0.25  # 4 standard deviations
+    assert abs(correlation(flips, alpha_bar)) < 0.25
+
+
+def test_another_seed_draws_other_streams():
+    initial_0, dropout_0, (a, *_) = first_draws(seed=0)
+    initial_1, dropout_1, (b, *_) = first_draws(seed=1)
+    assert not torch.equal(initial_0, initial_1) and not torch.equal(dropout_0, dropout_1)
+    for name, x, y in zip(("order", "flips", "alpha_bar", "eps"), a, b):
+        assert not torch.equal(x, y), name
+    from train import epoch_draws, stream_seed
+    assert not torch.equal(epoch_draws(0, 0, 64)[0], epoch_draws(0, 1, 64)[0])  # and each epoch its own order
+    assert len({stream_seed(0, purpose) for purpose in ("init", "dropout", "noise", "data")}) == 4
+    assert 0 <= stream_seed(2 ** 32 - 1, "noise") < 2 ** 63

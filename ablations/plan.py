@@ -1,0 +1,145 @@
+"""The plan: the study file's variants at one scale, checked when it loads, and which runs one
+invocation does (selection, shards, the runs that have a current row).
+
+A run is a (variant, seed). A re-evaluation needs the trained run it re-evaluates, so choosing one
+brings that run too, and a shard keeps the two together. A run is skipped when it has a current row
+(ablations/rows.py): finished, or failed unless --retry_failed. A stale row does not count.
+"""
+import dataclasses
+import difflib
+import importlib.util
+import os
+
+from cli import UserError
+from config import ConfigError, make_config
+
+
+@dataclasses.dataclass
+class Study:
+    path: str
+    scale: object              # study.Scale
+    variants: list             # study.Variant, the scale's, in the report's order
+    groups: tuple
+
+    def variant(self, name):
+        return next(v for v in self.variants if v.name == name)
+
+    def preset(self, variant):
+        return dict(self.scale.presets).get(variant.preset, variant.preset)
+
+    def config(self, variant):
+        """The configuration a variant trains with or, for a re-evaluation, samples with."""
+        if variant.of:
+            parent = self.variant(variant.of)
+            return make_config(self.preset(parent), [*parent.overrides, *variant.overrides])
+        return make_config(self.preset(variant), variant.overrides)
+
+    def reference(self, variant):
+        """The run a variant is compared with, seed by seed: for a re-evaluation the run it
+        re-evaluates; on the path the row before it (what this change bought), the baseline for
+        its first row; else the baseline. None for the baseline."""
+        if variant.of:
+            return variant.of
+        if variant.group == "path":
+            trained = [v.name for v in self.variants if v.group == "path" and not v.of and not v.not_runnable]
+            at = trained.index(variant.name)
+            return trained[at - 1] if at else "baseline"
+        return None if variant.name == "baseline" else "baseline"
+
+
+def load_study(path, scale_name):
+    """The study file's variants at one scale, every one checked with make_config, so that a typo
+    in the study fails when it loads rather than in the middle of a GPU lease."""
+    if not os.path.isfile(path):
+        raise UserError(f"--study {path}: no such file")
+    spec = importlib.util.spec_from_file_location("ablation_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if scale_name not in module.SCALES:
+        raise UserError(f"--scale {scale_name}: choose one of {', '.join(module.SCALES)}")
+    scale = module.SCALES[scale_name]
+    everything = module.variants(scale)
+    by_name = {v.name: v for v in everything}
+    if len(by_name) != len(everything):
+        raise UserError(f"{path}: two variants share a name")
+    unknown = [n for n in scale.variants if n not in by_name]
+    if unknown:
+        raise UserError(f"{path}: scale {scale_name} names unknown variants: {', '.join(unknown)}")
+    chosen = [v for v in everything if not scale.variants or v.name in scale.variants]
+    study = Study(path, scale, chosen, module.GROUPS)
+    names = {v.name for v in chosen}
+    baselines = [v for v in chosen if v.group == "baseline"]
+    if [v.name for v in baselines] != ["baseline"]:
+        raise UserError(f"{path}: scale {scale_name} needs exactly one variant, named baseline, in group baseline")
+    for v in chosen:
+        where = f"{path}: variant {v.name}"
+        if v.group not in module.GROUPS:
+            raise UserError(f"{where}: group {v.group!r} is not one of {', '.join(module.GROUPS)}")
+        if v.not_runnable:
+            continue
+        if v.of and v.of not in names:
+            raise UserError(f"{where}: re-evaluates {v.of!r}, which is not a variant of scale {scale_name}")
+        if v.of and (by_name[v.of].of or by_name[v.of].not_runnable):
+            raise UserError(f"{where}: re-evaluates {v.of!r}, which is not a trained variant")
+        if v.of and any(o.partition("=")[0] not in module.SAMPLER_FIELDS for o in v.overrides):
+            raise UserError(f"{where}: a re-evaluation may only set {', '.join(module.SAMPLER_FIELDS)}")
+        reference = study.reference(v)
+        if reference and not set(v.seeds) <= set(by_name[reference].seeds):
+            raise UserError(f"{where}: seeds {', '.join(map(str, v.seeds))} are not all seeds of {reference}, "
+                            f"which it is compared with seed by seed")
+        try:
+            study.config(v)
+        except ConfigError as e:
+            raise UserError(f"{where}: {e}") from None
+    return study
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    variant: object
+    seed: int
+
+    @property
+    def key(self):
+        return self.variant.name, self.seed
+
+    @property
+    def root(self):
+        """The trained run: its own key, or for a re-evaluation the key of the run it re-evaluates."""
+        return self.variant.of or self.variant.name, self.seed
+
+
+def select(study, only=None, groups=None, seeds=None):
+    """The runs that --only, --group and --seeds choose, in the study's order, each re-evaluation
+    after the trained run it needs."""
+    names = [v.name for v in study.variants]
+    for name in only or []:
+        if name not in names:
+            near = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+            raise UserError(f"--only {name}: not a variant of scale {study.scale.name}; "
+                            + (f"did you mean {', '.join(near)}?" if near else f"see {study.path}"))
+    for group in groups or []:
+        if group not in study.groups:
+            raise UserError(f"--group {group}: choose from {', '.join(study.groups)}")
+    jobs = []
+    for v in study.variants:
+        if v.not_runnable or (only and v.name not in only) or (groups and v.group not in groups):
+            continue
+        for seed in seeds or v.seeds:
+            if v.of:
+                jobs.append(Job(study.variant(v.of), seed))
+            jobs.append(Job(v, seed))
+    return list(dict.fromkeys(jobs))
+
+
+def shard(jobs, index, count):
+    """The index-th of count parts (1-based). The runs are split before any is skipped, so that
+    every shard sees the same split; a re-evaluation goes with the run it re-evaluates."""
+    roots = list(dict.fromkeys(job.root for job in jobs))
+    return [job for job in jobs if roots.index(job.root) % count == index - 1]
+
+
+def to_do(jobs, rows, retry_failed=False):
+    """(the runs without a current row, how many have one): rows is ablations/rows.Rows."""
+    done = {key for key, r in rows.current.items() if r["status"] == "ok" or not retry_failed}
+    return [job for job in jobs if job.key not in done], sum(job.key in done for job in jobs)

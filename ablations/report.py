@@ -1,0 +1,399 @@
+"""The report: REPORT.md, its plots and its grid mosaics, written from the current rows of one setup
+(ablations/rows.py) and never by hand. Every comparison is ablations/stats.py's: a variant against
+the run it is paired with (plan.Study.reference), seed by seed, as a ratio with its 95% interval and
+a verdict corrected over the table.
+"""
+import glob
+import math
+import os
+
+from ablations import stats
+from ablations.curve import suggest_budget
+from ablations.rows import REPO, Rows, read_rows
+from cli import atomic_write
+
+STUDY = os.path.join("ablations", "study.py")
+PRIMARY = "attribute_fd"  # the attribute network's feature distance; lower is better
+METRICS = [  # key, label, the scale of its paired difference, lower is better
+    (PRIMARY, "attribute FD", "log", True),
+    ("swd_x1e3_avg", "SWD", "log", True),
+    ("attribute_tv_mean", "attribute TV", "diff", True),
+    ("precision", "precision", "diff", False),
+    ("recall", "recall", "diff", False),
+]
+
+
+def write_report(study, folder, setup):
+    """REPORT.md in `folder`, with plots/ and grid mosaics, from its current rows of this setup.
+    Returns its path."""
+    scale = study.scale
+    all_rows = read_rows(folder)
+    rows = Rows.of(study, setup, all_rows)
+    curve = [r for r in read_rows(folder, "curve.jsonl") if r["status"] == "ok" and r["num_samples"] == setup.num_samples]
+    plots = os.path.join(folder, "plots")
+    default_study = os.path.realpath(study.path) == os.path.realpath(os.path.join(REPO, STUDY))
+    flags = ([] if default_study else ["--study", study.path]) + \
+        (["--scale", scale.name] if scale.name != "gpu" else []) + \
+        (["--budget_kimg", f"{setup.budget_kimg:g}"] if setup.budget_kimg != scale.budget_kimg else [])
+
+    def command(*words, script="bash ablate.sh"):  # a subcommand (curve, report) first, then the scale's flags
+        sub = list(words[:1]) if words and not words[0].startswith("--") else []
+        return " ".join([script, *sub, *flags, *words[len(sub):]])
+
+    tables = {group: table(study, rows, group) for group in study.groups if group != "evaluation_noise"}
+    lines = header(study, rows, setup, tables, command)
+    lines += curve_section(curve, folder, command)
+    written = ["curve.png"] if curve else []
+    lines += ["## Results", "",
+              f"Each variant is compared with the run it is paired with (the baseline; for a re-evaluation the run "
+              f"it re-evaluates; on the path the row above), seed by seed: the ratio of {PRIMARY} and of SWD, the "
+              f"difference of attribute TV, precision and recall, each with its 95% interval. The variance of a "
+              f"paired difference is pooled over the table's variants of one kind (training changes, "
+              f"re-evaluations), and each verdict is corrected by Holm's method over the table, so that a table "
+              f"shows a false effect at most 5% of the time (`ablations/stats.py`). \"not significant\" means that "
+              f"the change could not be told from run-to-run noise at this scale and seed count. Secondary metrics "
+              f"are marked * where significant. Grids: the first 32 samples of each evaluation, from the same "
+              f"starting noise for every variant.", ""]
+    if not rows.current:
+        lines += ["No run has a row yet.", ""]
+    for group, (variants, compared) in tables.items():
+        shown = [v for v in variants if rows.ok(v.name) or rows.failed(v.name)]
+        if not shown:
+            continue
+        lines += [f"### {group}", "", *table_lines(study, rows, shown, compared), ""]
+        for plot in (ratio_chart(group, shown, compared, plots), loss_curves(group, study, rows, shown, plots)):
+            if plot:
+                written.append(os.path.basename(plot))
+                lines += [f"![{os.path.basename(plot)}](plots/{os.path.basename(plot)})", ""]
+        lines += grid_mosaic([(f"`{v.name}` seed {s}: {fmt(r['metrics'][PRIMARY]['samples'], '.4g')}", r)
+                              for v in shown for s, r in list(rows.ok(v.name).items())[:None if group == "baseline" else 1]])
+        lines += [""]
+    lines += stale_section(rows, command) + not_yet_run(study, rows, command)
+    for old in set(glob.glob(os.path.join(plots, "*.png"))) - {os.path.join(plots, i) for i in written}:
+        os.remove(old)  # a plot that this report does not show any more
+    path = os.path.join(folder, "REPORT.md")
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+# ---- the numbers ---------------------------------------------------------------------------------
+
+def values(by_seed, key):
+    """{seed: the metric on the samples} over a variant's finished rows."""
+    return {s: r["metrics"][key]["samples"] for s, r in by_seed.items()
+            if (r["metrics"].get(key) or {}).get("samples") is not None}
+
+
+def table(study, rows, group):
+    """(the group's variants, {metric key: {variant: stats.Comparison}})."""
+    variants = [v for v in study.variants if v.group == group]
+    compared = {}
+    for key, _, scale, _ in METRICS:
+        differences, references, kinds = {}, {}, {}
+        for v in variants:
+            reference = study.reference(v)
+            if reference is None:
+                continue
+            mine, theirs = values(rows.ok(v.name), key), values(rows.ok(reference), key)
+            if scale == "log" and any(x <= 0 for x in [*mine.values(), *theirs.values()]):
+                continue  # a metric of exactly 0 has no log ratio
+            differences[v.name] = stats.paired_differences(mine, theirs, scale)
+            references[v.name], kinds[v.name] = reference, "re-evaluation" if v.of else "training"
+        compared[key] = stats.compare_table(differences, scale, references=references, kinds=kinds)
+    return variants, compared
+
+
+def log_sd(values):
+    """The sample standard deviation of the logs: a spread that reads as a ratio, exp(sd)."""
+    logs = [math.log(x) for x in values if x > 0]
+    if len(logs) < 2:
+        return None
+    m = sum(logs) / len(logs)
+    return math.sqrt(sum((x - m) ** 2 for x in logs) / (len(logs) - 1))
+
+
+def geometric_mean(values):
+    values = [x for x in values if x > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def fmt(value, spec=".3g"):
+    return "-" if value is None else f"{value:{spec}}"
+
+
+# ---- the header ----------------------------------------------------------------------------------
+
+def header(study, rows, setup, tables, command):
+    scale = study.scale
+    done = [r for r in rows.current.values() if r["status"] == "ok"]
+    title = "Ablation study" + (f": toy scale ({scale.name})" if scale.toy else "")
+    lines = [f"# {title}", ""]
+    if scale.toy:
+        presets = ", ".join(f"`{a}` runs as `{b}`" for a, b in scale.presets)
+        lines += [f"> **Toy scale.** This is the study's machinery at a size a CPU runs in well under an hour "
+                  f"({presets}, {setup.budget_kimg:g} thousand images per run, {setup.num_samples} samples per "
+                  f"evaluation). Its numbers show how the study works and what its report looks like; they say "
+                  f"little about what matters for the real network, which is `ablations/REPORT.md`.", ""]
+    base = rows.ok("baseline")
+    base_values = values(base, PRIMARY)
+    floors = sorted({round(r["metrics"][PRIMARY]["floor"], 6) for r in done if r["metrics"][PRIMARY]["floor"] is not None})
+    noise_rows = [base[0]] if 0 in base else []
+    noise_rows += [r for v in study.variants if v.group == "evaluation_noise" for r in rows.ok(v.name).values()]
+    noise = [r["metrics"][PRIMARY]["samples"] for r in noise_rows]
+    trained = [r for r in done if not r["of"]]
+    wall = sum(r["wall_seconds"] for r in done)
+    share = sum(r["train_seconds"] for r in trained) / wall if wall else None
+    sigma_d = pooled_sigma(tables.get("one_at_a_time"))
+    seeds = max((len(v.seeds) for v in study.variants if v.group == "one_at_a_time"), default=2)
+    m = sum(1 for v in study.variants if v.group == "one_at_a_time" and not v.not_runnable)
+    devices = sorted({r["gpu"] or r["cpu"] for r in done}) or ["-"]
+    commits = sorted({f"{r['commit']}" + (f" ({r['dirty']} files differed)" if r.get("dirty") else "") for r in done})
+    gpu_seconds = sum(r["gpu_seconds"] or 0 for r in done)
+    lines += [
+        f"Written by `{command('report', script='python ablate.py')}` from the current rows of `results*.jsonl` "
+        f"({len(rows.current)} runs, {len(done)} finished, {len(rows.stale)} stale"
+        + (f"; {rows.other_setups} rows of other setups not shown" if rows.other_setups else "")
+        + "); do not edit it by hand.", "",
+        f"- **Budget: {setup.budget_kimg:g} thousand images seen** by every training run ({scale.budget_note}). A run "
+        f"takes ceil({setup.budget_kimg * 1000:g} / batch) steps, so a larger batch takes fewer. The study answers "
+        f"\"what matters in the first {setup.budget_kimg * 1000:,.0f} images\", not \"what matters at convergence\".",
+        f"- **Paired seeds.** The baseline trains on seeds {', '.join(map(str, study.variant('baseline').seeds))}, "
+        f"every other variant on {seeds} of them; a run's seed fixes its initial weights, data order and training "
+        f"noise, each from its own stream, so that a variant and the baseline on one seed differ only by the change.",
+        f"- **One evaluation for every row**: `evaluate.py` with {setup.num_samples} samples from starting noise "
+        f"{setup.evaluation_seed}, against the same test subset and reference subset (evaluation seed "
+        f"{setup.evaluation_seed}), in {setup.precision}.",
+        f"- Primary metric: `{PRIMARY}`, the Frechet distance between the attribute network's features of "
+        f"the samples and of the train set (an offline FID; lower is better).",
+        "- **Floor** (the held-out test images against the train set, the same N): "
+        + (f"{PRIMARY} {floors[0]:.4g}, the same for every row." if len(floors) == 1 else
+           f"{PRIMARY} {', '.join(f'{f:.4g}' for f in floors)}: **the rows do not share one floor**, so their "
+           f"evaluations differ; rerun the rows of the odd ones out." if floors else "not measured yet."),
+        "- **Evaluation noise**: "
+        + (f"the baseline's seed-0 run scored from {len(noise)} starting noises gives {PRIMARY} "
+           f"{min(noise):.4g} to {max(noise):.4g}, a spread (standard deviation of the log) of "
+           f"{log_sd(noise):.3f}, a ratio of x{math.exp(log_sd(noise)):.3f}." if len(noise) > 1 else
+           f"not measured yet (`{command('--group', 'evaluation_noise')}`)."),
+        "- **The baseline's spread over seeds**: "
+        + (f"{PRIMARY} {geometric_mean(base_values.values()):.4g} (geometric mean over {len(base_values)} seeds; "
+           f"{min(base_values.values()):.4g} to {max(base_values.values()):.4g}), a standard deviation of the log of "
+           f"{log_sd(base_values.values()):.3f} (x{math.exp(log_sd(base_values.values())):.3f}); the evaluation "
+           f"noise is part of it." if len(base_values) > 1 else "not known yet: the baseline needs 2 seeds."),
+        "- **Detectable change**: "
+        + (f"the paired differences of the one-at-a-time table have a pooled standard deviation of {sigma_d:.3f} "
+           f"(log), so {seeds} seeds detect a change of x{stats.detectable_ratio(sigma_d, seeds):.2f} (or "
+           f"x{1 / stats.detectable_ratio(sigma_d, seeds):.2f}) with 80% power at 5%, and "
+           f"x{stats.detectable_ratio(sigma_d, seeds, alpha=stats.ALPHA / max(m, 1)):.2f} at Holm's strictest step "
+           f"over its {m} variants; smaller changes may be real but unseen." if sigma_d else
+           "not known yet: it needs the one-at-a-time table's pooled variance (2 seeds of one variant)."),
+        "- **Where the time goes**: "
+        + (f"training is {share:.0%} of the runs' wall time ({sum(r['train_seconds'] for r in trained) / 60:.1f} of "
+           f"{wall / 60:.1f} minutes summed over runs that may overlap; the rest is start-up, evaluation and "
+           f"re-evaluations)" + (f"; {gpu_seconds / 3600:.2f} GPU hours" if gpu_seconds else "") + "."
+           if share is not None else "no finished run yet."),
+        f"- Ran on: {', '.join(devices)}; torch {', '.join(sorted({str(r['torch']) for r in done})) or '-'}; "
+        f"commit {', '.join(commits) or '-'}."
+        + (" **The rows come from different machines.**" if len(devices) > 1 else ""),
+        f"- Reproduce: `{command()}` (it skips the runs that have a current row), then "
+        f"`{command('report', script='python ablate.py')}`.", ""]
+    return lines
+
+
+def pooled_sigma(entry):
+    """The pooled standard deviation of one training run's paired log difference in a table."""
+    if not entry:
+        return None
+    comparison = next((c for c in entry[1][PRIMARY].values() if c.pooled and c.se is not None), None)
+    return comparison.se * math.sqrt(comparison.n) if comparison else None
+
+
+# ---- the tables ----------------------------------------------------------------------------------
+
+def change_of(study, v):
+    if v.name == "baseline":
+        return f"preset {study.preset(v)}"
+    return v.note or " ".join(v.overrides) or f"preset {study.preset(v)}"
+
+
+def table_lines(study, rows, variants, compared):
+    header = ["variant", "change", "against", "seeds", f"{PRIMARY} (geometric mean)", "ratio [95% interval]",
+              "verdict", *[label for key, label, _, _ in METRICS[1:]], "val loss (EMA)", "img/s", "comment"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for v in variants:
+        ok, reference = rows.ok(v.name), study.reference(v)
+        comment = [f"seed {r['seed']} failed: {r['reason']}" for r in rows.failed(v.name)]
+        cells = [f"`{v.name}`", change_of(study, v).replace("|", "/"), f"`{reference}`" if reference else "-",
+                 str(len(ok)), fmt(geometric_mean(values(ok, PRIMARY).values()), ".4g")]
+        primary = compared[PRIMARY].get(v.name)
+        if primary:
+            text, verdict = stats.describe(primary)
+            cells += [text, f"**{verdict}**" if primary.significant else verdict]
+        else:
+            cells += ["-", "reference" if reference is None else "no shared seed"]
+        for key, _, _, lower_is_better in METRICS[1:]:
+            c = compared[key].get(v.name)
+            cells.append(stats.describe(c, lower_is_better)[0] + (" *" if c.significant else "") if c else "-")
+        cells += [fmt(mean([r["val_loss_ema"] for r in ok.values() if r.get("val_loss_ema") is not None]), ".4f"),
+                  fmt(mean([r["img_per_s"] for r in ok.values() if r.get("img_per_s")]), ".0f"), "; ".join(comment)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def stale_section(rows, command):
+    if not rows.stale:
+        return []
+    lines = ["## Stale rows", "", f"Not counted above; `{command()}` runs them again.", ""]
+    return lines + [f"- `{r['variant']}` seed {r['seed']} ({r['date']}): {why}" for r, why in rows.stale] + [""]
+
+
+def not_yet_run(study, rows, command):
+    """The variants (and seeds) with no current finished row, with the command that runs them."""
+    lines, missing = ["## Not yet run", ""], {}
+    for v in study.variants:
+        seeds = sorted(set(v.seeds) - set(rows.ok(v.name)))
+        if seeds or v.not_runnable:
+            missing.setdefault(v.group, []).append((v, seeds))
+    if not missing:
+        return lines + ["Every variant has a finished row.", ""]
+    if len(rows.ok("baseline")) < len(study.variant("baseline").seeds):
+        first = ",".join(["baseline", *[v.name for v in study.variants if v.group == "path"][:1]])
+        lines += ["The first chunk (the budget curve, the baseline with its seeds, and the first row of the "
+                  "path), one line:", "", f"    {command('curve')} && {command('--only', first)}", ""]
+    for group, entries in missing.items():
+        runnable = any(not v.not_runnable for v, _ in entries)
+        lines.append(f"- **{group}**" + (f": `{command('--group', group)}`" if runnable else ""))
+        for v, seeds in entries:
+            if v.not_runnable:
+                lines.append(f"  - `{v.name}`: not runnable yet: {v.not_runnable}")
+            else:
+                lines.append(f"  - `{v.name}` (seeds {', '.join(map(str, seeds))}): {change_of(study, v)}")
+    return lines + [""]
+
+
+# ---- the plots -----------------------------------------------------------------------------------
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", metadata={"Software": None})
+    pyplot().close(fig)
+    return path
+
+
+def ratio_chart(group, variants, compared, plots):
+    """Each variant's ratio of the primary metric to its reference, with its 95% interval, on a log
+    axis: left of 1 is better. Significant ones (after Holm) in colour."""
+    shown = [(v, compared[PRIMARY][v.name]) for v in variants if v.name in compared[PRIMARY]]
+    if not shown:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.32 * len(shown)), dpi=100)
+    y = list(range(len(shown)))[::-1]
+    for yi, (v, c) in zip(y, shown):
+        colour = ("tab:green" if c.mean < 0 else "tab:red") if c.significant else "tab:gray"
+        if c.low is not None:
+            ax.plot([math.exp(c.low), math.exp(c.high)], [yi, yi], color=colour, linewidth=2)
+        ax.plot([math.exp(c.mean)], [yi], "o", color=colour)
+    ax.axvline(1, color="black", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yticks(y, [v.name for v, _ in shown], fontsize=8)
+    ax.set_xlabel(f"{PRIMARY}: ratio to the paired reference, with its 95% interval (left is better)")
+    ax.set_title(f"{group}: coloured where significant after Holm's correction", fontsize=10)
+    ax.grid(axis="x", alpha=0.3, which="both")
+    fig.tight_layout()
+    return save_figure(fig, os.path.join(plots, f"ratios_{group}.png"))
+
+
+def loss_curves(group, study, rows, variants, plots):
+    """Train loss against images seen: the baseline's seeds in grey, each other trained variant's
+    first seed in colour. Each target (eps, x0, v) and weighting has its own loss scale. None for a
+    group that trains nothing of its own (re-evaluations)."""
+    trained = [v for v in variants if not v.of]
+    if not trained:
+        return None
+    with_baseline = ([] if trained[0].name == "baseline" else [study.variant("baseline")]) + trained
+    curves = [(v.name if v.name != "baseline" else f"baseline seed {s}", r["curve"])
+              for v in with_baseline
+              for s, r in list(rows.ok(v.name).items())[:None if v.name == "baseline" else 1] if r.get("curve")]
+    if not curves:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    greys = iter(["black", "dimgrey", "darkgrey", "silver"] * 8)
+    for name, c in curves:
+        baseline = name.startswith("baseline seed")
+        ax.plot(c["kimg"], c["train_loss"], linewidth=2 if baseline else 1, color=next(greys) if baseline else None,
+                alpha=0.8, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("thousands of images seen")
+    ax.set_ylabel("train loss (each variant's own target)")
+    ax.set_title(f"{group}: training loss", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(curves) > 8 else 1)
+    fig.tight_layout()
+    return save_figure(fig, os.path.join(plots, f"losses_{group}.png"))
+
+
+def grid_mosaic(captioned_rows, columns=4):
+    """The runs' committed 8x4 grids side by side, each under its caption: a Markdown table, so
+    that the mosaic adds no image of its own to the repository."""
+    cells = [f"{caption}<br>![{r['variant']}]({r['grid']})" for caption, r in captioned_rows]
+    if not cells:
+        return []
+    width = min(columns, len(cells))
+    cells += [""] * (-len(cells) % width)
+    return ["|" + " |" * width, "|" + "---|" * width,
+            *["| " + " | ".join(cells[i:i + width]) + " |" for i in range(0, len(cells), width)]]
+
+
+# ---- the budget curve ----------------------------------------------------------------------------
+
+def curve_section(curve, folder, command):
+    lines = ["## The budget curve", ""]
+    if not curve:
+        return lines + [f"Not measured yet: `{command('curve')}` trains the baseline once and "
+                        f"evaluates it at 4 points (1/4, 1/2, 1 and 2 budgets by default).", ""]
+    points = sorted({r["budget_kimg"]: r for r in curve}.values(), key=lambda r: r["budget_kimg"])
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    kimg = [r["budget_kimg"] for r in points]
+    ax.plot(kimg, [r["metrics"][PRIMARY]["samples"] for r in points], marker="o", label="baseline")
+    ax.plot(kimg, [r["metrics"][PRIMARY]["floor"] for r in points], linestyle="--", color="tab:green", label="floor")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("thousands of images seen")
+    ax.set_ylabel(f"{PRIMARY} (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    plot = save_figure(fig, os.path.join(folder, "plots", "curve.png"))
+    lines += [f"One baseline run (seed {points[0]['seed']}), evaluated as it reached each point. Its learning rate "
+              f"is constant (`lr_schedule=constant`), so that the segments are one run; the study's runs use "
+              f"the baseline's own schedule. A point's change is against the point before it.", "",
+              "| thousand images | steps | " + PRIMARY + " | floor | change | SWD x1e3 | val loss (EMA) | train s | wall s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    previous = None
+    for r in points:
+        value = r["metrics"][PRIMARY]["samples"]
+        change = f"{(value / previous - 1) * 100:+.0f}%" if previous and value is not None else "-"
+        lines.append(f"| {r['budget_kimg']:g} | {r['steps']} | {fmt(value, '.4g')} | "
+                     f"{fmt(r['metrics'][PRIMARY]['floor'], '.4g')} | {change} | "
+                     f"{fmt(r['metrics']['swd_x1e3_avg']['samples'], '.1f')} | {fmt(r.get('val_loss_ema'), '.4f')} | "
+                     f"{fmt(r.get('train_seconds'), '.0f')} | {r['wall_seconds']:.0f} |")
+        previous = value
+    lines += ["", suggest_budget([r["metrics"][PRIMARY]["samples"] for r in points], kimg, PRIMARY)]
+    return lines + ["", f"![curve](plots/{os.path.basename(plot)})", "",
+                    *grid_mosaic([(f"{r['budget_kimg']:g} kimg: {fmt(r['metrics'][PRIMARY]['samples'], '.4g')}", r)
+                                  for r in points]), ""]

@@ -1,0 +1,373 @@
+"""The workers: each takes the next run of the plan, runs its steps in subprocesses and appends its row.
+
+A run is two processes, so that a crash stays inside its run and train.py's command line stays the
+contract: train.py (--preset, --set, --max_kimg = the budget, --seed; it measures its fixed
+validation loss on the final weights when the budget stops it, and writes no best-validation copy),
+then evaluate.py (the variant's own sampler, the scale's number of samples, the scale's evaluation
+seed, the real images' statistics from a cache shared by every row, and the grid from the first 32
+of its samples). A re-evaluation runs evaluate.py only, on its trained run's checkpoint.
+
+Only a failure of train.py or evaluate.py becomes a row with status "failed" and the step's last
+error line. A bug of the runner itself stops the study with its traceback, and Ctrl-C or SIGTERM
+stops it with no row for the runs under way: a rerun does them.
+"""
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+from tqdm import tqdm
+
+from ablations import plan as planning
+from ablations.rows import REPO, Rows, Setup, append_row, config_hash, provenance, read_rows
+from cli import UserError, make_folder
+from config import config_to_dict
+from plot_log import read_log
+
+# Concurrent runs on one GPU. Not measured yet: the "time to quality" issue measures it on a GPU.
+RUNS_PER_GPU = 1
+# Concurrent runs on a CPU, each with cores / RUNS_PER_CPU threads. Measured with
+# `python tools/run_costs.py concurrency --device cpu` on 2 cores of an AMD EPYC (Zen 4), torch 2.14.1,
+# 2026-12-02, batch 64, eager, bf16 (the probe's choice): at preset tiny's width two 1-thread runs finished 1.38x the runs
+# per CPU-hour of one 2-thread run (254 against 183 img/s in all); at channels (32, 64, 64, 64), 0.96x
+# for 5 kimg runs, whose start (decoding the data set, the probe) ran twice at once, while training
+# itself ran 1.09x (88 against 81 img/s). Two runs at once, until the study's own scale measures better
+# (--runs_per_gpu overrides it).
+RUNS_PER_CPU = 2
+SAMPLER_FLAGS = {"sampler": "--sampler", "sampling_steps": "--steps", "eta": "--eta", "clamp_x0": "--clamp"}
+GRID = (8, 4)   # columns, rows: the first 32 samples of the evaluation, the same noise for every variant
+LOG_EVERY = 10  # steps between the logged losses that draw the loss curves (each costs a host sync)
+
+
+class RunFailed(Exception):
+    """train.py or evaluate.py failed; the message is the row's one-line reason."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the run leaves no row."""
+
+
+class Runner:
+    """One invocation of the study (or of the curve): its plan, its workers, the rows it appends."""
+
+    def __init__(self, study, args):
+        self.study, self.args, self.scale = study, args, study.scale
+        self.setup = Setup.of(self.scale, args.budget_kimg, args.num_samples, args.precision)
+        self.out = make_folder(args.out or self.scale.folder, "--out")
+        self.checkpoints = args.checkpoints or self.scale.checkpoints
+        index, count = getattr(args, "shard", (1, 1))
+        self.results = os.path.join(self.out, "results.jsonl" if count == 1 else f"results.shard-{index}-of-{count}.jsonl")
+        for flag in ("train_dataset_directory", "validate_dataset_directory"):
+            if not os.path.isdir(getattr(args, flag)):
+                raise UserError(f"--{flag} {getattr(args, flag)}: no such folder; build the default data set "
+                                f"with bash images/make_default_dataset.sh")
+        self.facts = {"torch": package_version("torch"), **provenance(self.out)}
+        self.runs_per_gpu = args.runs_per_gpu or RUNS_PER_GPU
+        self.lock = threading.Condition()  # guards the plan, the children and the results file
+        self.stop = threading.Event()
+        self.children = set()
+        self.local = threading.local()     # the run under way on this thread: its steps' seconds
+
+    def rows(self):
+        return Rows.of(self.study, self.setup, read_rows(self.out))
+
+    # -- the plan
+
+    def plan(self):
+        """(the runs to do, in order, for this shard; how many of its runs have a current row)."""
+        args = self.args
+        jobs = planning.select(self.study, args.only, args.group, args.seeds)
+        return planning.to_do(planning.shard(jobs, *args.shard), self.rows(), args.retry_failed)
+
+    def slots(self):
+        """(GPU index or None, --device, threads or None) for each run that runs at the same time."""
+        args = self.args
+        if args.gpus:
+            return [(gpu, "cuda", None) for gpu in args.gpus for _ in range(self.runs_per_gpu)]
+        device = args.device
+        if device == "auto":
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device != "cpu":
+            return [(None, device, None)] * self.runs_per_gpu
+        runs = args.runs_per_gpu or RUNS_PER_CPU
+        return [(None, device, max(1, (os.cpu_count() or 1) // runs))] * runs
+
+    # -- the study: workers take the runs in order
+
+    def run(self):
+        jobs, skipped = self.plan()
+        slots = self.slots()
+        print(f"ablation study, scale {self.scale.name}: budget {self.setup.budget_kimg:g} kimg, "
+              f"{self.setup.num_samples} samples per evaluation, {self.setup.precision}; {len(jobs)} runs to do, "
+              f"{skipped} skipped (they have a current row); {len(slots)} at a time on {slots[0][1]}; rows in "
+              f"{self.results}")
+        if self.args.dry_run:
+            for job in jobs:
+                print(f"  {job.variant.group}: {job.variant.name} seed {job.seed}")
+            return 0
+        self.pending, self.running, self.unstarted = list(jobs), set(), []
+        self.deadline = time.time() + 60 * self.args.deadline_minutes if self.args.deadline_minutes else None
+        self.bar = tqdm(total=len(jobs), unit="run", dynamic_ncols=True)
+        previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SLURM's scancel, a lease's end
+        code = 0
+        with concurrent.futures.ThreadPoolExecutor(len(slots)) as pool:
+            workers = [pool.submit(self.worker, slot) for slot in slots]
+            try:
+                while not all(w.done() for w in workers):
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                self.interrupt("interrupted: the runs under way leave no row; a rerun does them")
+                code = 130
+        signal.signal(signal.SIGTERM, previous_handler)
+        self.bar.close()
+        for w in workers:
+            w.result()  # a bug of the runner: its traceback
+        if self.unstarted:
+            print(f"--deadline_minutes: {len(self.unstarted)} runs not started: "
+                  f"{', '.join(f'{j.variant.name}/{j.seed}' for j in self.unstarted)}")
+        from ablations.report import write_report
+        print(f"wrote {write_report(self.study, self.out, self.setup)}")
+        return code
+
+    def worker(self, slot):
+        while (job := self.next_job()) is not None:
+            try:
+                row = self.run_job(job, slot)
+            except Interrupted:
+                return
+            except BaseException:
+                self.interrupt("a bug in ablate.py stopped the study (traceback below); the runs under way "
+                               "leave no row")
+                raise
+            finally:
+                with self.lock:
+                    self.running.discard(job.key)
+                    self.lock.notify_all()
+            with self.lock:
+                append_row(self.results, row)
+            self.bar.update(1)
+            self.bar.write(summary(row))
+
+    def next_job(self):
+        """The first pending run whose trained run (for a re-evaluation) is neither pending nor under
+        way; None when none is left. Under --deadline_minutes a run that cannot finish in time is
+        not started, nor are its re-evaluations."""
+        with self.lock:
+            while not self.stop.is_set() and self.pending:
+                waiting_for = self.running | {j.key for j in self.pending}
+                job = next((j for j in self.pending if not (j.variant.of and j.root in waiting_for)), None)
+                if job is None:
+                    self.lock.wait()
+                    continue
+                self.pending.remove(job)
+                unstarted = {j.key for j in self.unstarted}
+                if self.deadline and (job.root in unstarted or time.time() + self.estimate_seconds(job) > self.deadline):
+                    self.unstarted.append(job)
+                    self.bar.total -= 1
+                    continue
+                self.running.add(job.key)
+                return job
+            return None
+
+    def estimate_seconds(self, job):
+        """The longest finished run of its kind (trained, or re-evaluated) at this setup, else the
+        scale's guess."""
+        seconds = [r["wall_seconds"] for r in self.rows().current.values()
+                   if r["status"] == "ok" and bool(r["of"]) == bool(job.variant.of)]
+        return max(seconds) if seconds else 60 * self.scale.run_minutes_guess / (3 if job.variant.of else 1)
+
+    def interrupt(self, message):
+        if self.stop.is_set():
+            return
+        self.stop.set()
+        with self.lock:
+            self.lock.notify_all()
+            children = list(self.children)
+        for child in children:  # train.py writes its checkpoint on SIGINT
+            with contextlib.suppress(OSError):
+                child.send_signal(signal.SIGINT)
+        print(f"\n{message}", file=sys.stderr)
+
+    # -- one run
+
+    def run_job(self, job, slot, budget_kimg=None, run_dir=None, fresh=True):
+        """Train (unless it re-evaluates a run), then evaluate one run: its row. The curve passes its
+        own budget and run folder, and resumes (fresh=False)."""
+        v, seed, budget_kimg = job.variant, job.seed, budget_kimg or self.setup.budget_kimg
+        config = self.study.config(v)
+        trained = self.study.variant(v.of) if v.of else v
+        run_dir = run_dir or os.path.join(self.checkpoints, f"{budget_kimg:g}kimg", trained.name, f"seed{seed}")
+        self.local.seconds = {}
+        eval_seed = self.setup.evaluation_seed if v.eval_seed is None else v.eval_seed
+        row = dict(variant=v.name, group=v.group, scale=self.scale.name, preset=self.study.preset(trained),
+                   overrides=[*trained.overrides, *(v.overrides if v.of else ())], of=v.of or None, seed=seed,
+                   eval_seed=eval_seed, budget_kimg=budget_kimg, num_samples=self.setup.num_samples,
+                   run_id=uuid.uuid4().hex[:12], parent_run=None, config_hash=config_hash(self.study, v),
+                   setup_hash=dataclasses.replace(self.setup, budget_kimg=budget_kimg).hash,
+                   batch_size=None, steps=None, images_seen=None,
+                   date=datetime.datetime.now().isoformat(timespec="seconds"), **self.facts, device=slot[1],
+                   precision=self.setup.precision, gpu=gpu_name(slot), cpu=cpu_name(), status="ok", reason=None,
+                   step_seconds=self.local.seconds)
+        started = time.time()
+        try:
+            if v.of:
+                row.update(self.trained_run(v, seed, run_dir))
+            else:
+                row.update(self.train(v, seed, budget_kimg, run_dir, slot, fresh))
+            row.update(self.evaluate(v, seed, eval_seed, run_dir, slot))
+        except RunFailed as e:
+            row.update(status="failed", reason=str(e))
+        row["wall_seconds"] = round(time.time() - started, 1)
+        # A GPU that runs several runs at once gives each its share of the time.
+        row["gpu_seconds"] = None if slot[1] == "cpu" else round(row["wall_seconds"] / self.runs_per_gpu, 1)
+        row["config"] = config_to_dict(config)
+        return row
+
+    def trained_run(self, v, seed, run_dir):
+        """For a re-evaluation: the training fields of the run it re-evaluates."""
+        parent = self.rows().current.get((v.of, seed))
+        if parent is None or parent["status"] != "ok":
+            raise RunFailed(f"its trained run {v.of} seed {seed} "
+                            f"{'has no current row' if parent is None else 'failed: ' + str(parent['reason'])}")
+        if not os.path.isfile(os.path.join(run_dir, "latest_model.pth")):
+            raise RunFailed(f"{run_dir}/latest_model.pth is missing (trained on another machine?): copy the "
+                            f"folder here, or delete {v.of}'s row and rerun it")
+        return {"parent_run": parent["run_id"],
+                **{k: parent.get(k) for k in ("batch_size", "steps", "images_seen", "train_seconds", "img_per_s",
+                                              "train_loss", "val_loss", "val_loss_ema")}}
+
+    def train(self, v, seed, budget_kimg, run_dir, slot, fresh):
+        """train.py until the budget (--max_kimg: it takes ceil(budget / batch) steps, and its lr
+        schedule ends there), then the validation loss of its final weights: the row's training fields."""
+        os.makedirs(run_dir, exist_ok=True)
+        self.step("train.py", [
+            "train.py", "--preset", self.study.preset(v), *[a for o in v.overrides for a in ("--set", o)],
+            *(["--fresh"] if fresh else []), "--max_kimg", budget_kimg, "--seed", seed, "--model_checkpoint_dir",
+            run_dir, "--no_visdom", "--device", slot[1], "--precision", self.setup.precision, "--layout", "contiguous",
+            "--log_every", LOG_EVERY, "--save_every", 10 ** 6, "--no_best_checkpoint",
+            "--train_dataset_directory", self.args.train_dataset_directory,
+            "--validate_dataset_directory", self.args.validate_dataset_directory], run_dir, slot)
+        records = read_log(os.path.join(run_dir, "log.jsonl"))
+        train = [r for r in records if r.get("kind") == "train"]
+        if not train or train[-1]["images_seen"] < round(budget_kimg * 1000):
+            raise RunFailed(f"train.py stopped at {train[-1]['images_seen'] if train else 0} images, "
+                            f"before the budget of {budget_kimg * 1000:g}")
+        last = train[-1]
+        measured = next((r for r in records if r.get("kind") == "validation" and r["step"] == last["step"]), None)
+        if measured is None:
+            raise RunFailed(f"{run_dir}/log.jsonl has no validation at step {last['step']}, where the budget stopped it")
+        return {"steps": last["step"], "images_seen": last["images_seen"],
+                "batch_size": last["images_seen"] // last["step"], "train_seconds": round(last["time"], 1),
+                "img_per_s": round(last["images_seen"] / last["time"], 1),
+                "train_loss": last["train_loss"], "val_loss": measured["val_loss"],
+                "val_loss_ema": measured["val_loss_ema"],
+                "curve": {"kimg": [r["images_seen"] / 1000 for r in train], "train_loss": [r["train_loss"] for r in train]}}
+
+    def evaluate(self, v, seed, eval_seed, run_dir, slot):
+        """evaluate.py with the variant's sampler, which also draws the grid: the row's metrics and grid."""
+        sampler = [a for o in (v.overrides if v.of else ()) for a in sampler_flag(o)]
+        report_path = os.path.join(run_dir, f"evaluation_{v.name}.json")
+        grid_path = os.path.join(run_dir, f"grid_{v.name}.png")
+        self.step("evaluate.py", [
+            "evaluate.py", "--checkpoint", os.path.join(run_dir, "latest_model.pth"), "--num_samples",
+            self.setup.num_samples, "--output_json", report_path, "--reference_dir", self.args.train_dataset_directory,
+            "--test_dir", self.args.validate_dataset_directory, "--no_download", "--seed", eval_seed,
+            "--subset_seed", self.setup.evaluation_seed, "--cache_dir", os.path.join(self.checkpoints, "evaluation_cache"),
+            "--grid", grid_path, "--grid_size", "x".join(map(str, GRID)), "--overwrite",
+            "--device", slot[1], "--precision", self.setup.precision, "--layout", "contiguous", *sampler], run_dir, slot)
+        with open(report_path) as f:
+            report = json.load(f)
+        grid = os.path.join("grids", f"{v.name}_seed{seed}.png")
+        os.makedirs(os.path.join(self.out, "grids"), exist_ok=True)
+        shutil.copyfile(grid_path, os.path.join(self.out, grid))
+        attributes = report.get("attributes") or {}
+        return {"sampler": report["sampler"], "metrics": report["metrics"], "attribute_tv": attributes.get("tv"),
+                "mi_top_pair": attributes.get("mi_top_pair"), "grid": grid, "run_dir": run_dir}
+
+    def step(self, name, command, run_dir, slot):
+        """One step of a run, a Python script of this repository in a subprocess, its output in
+        <run_dir>/<name>.log and .err. Raises RunFailed with its last error line, or Interrupted."""
+        gpu, _, threads = slot
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        log_path, err_path = os.path.join(run_dir, f"{name}.log"), os.path.join(run_dir, f"{name}.err")
+        started = time.time()
+        with open(log_path, "w") as out, open(err_path, "w") as err:
+            with self.lock:
+                if self.stop.is_set():
+                    raise Interrupted
+                child = subprocess.Popen([sys.executable, os.path.join(REPO, command[0]), *map(str, command[1:])],
+                                         env=env, stdout=out, stderr=err)
+                self.children.add(child)
+            code = child.wait()
+            with self.lock:
+                self.children.discard(child)
+        if self.stop.is_set() or code in (130, -signal.SIGINT, -signal.SIGTERM):
+            raise Interrupted
+        if code != 0:
+            raise RunFailed(f"{name} exit {code}: {last_line(err_path) or last_line(log_path) or 'no output'}")
+        self.local.seconds[name] = round(time.time() - started, 1)
+
+
+def raise_keyboard_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def sampler_flag(override):
+    key, _, value = override.partition("=")
+    return SAMPLER_FLAGS[key], ("on" if value == "true" else "off") if key == "clamp_x0" else value
+
+
+def last_line(path):
+    """The last non-empty line of a file (a progress bar's carriage returns split lines too)."""
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def summary(row):
+    from ablations.report import PRIMARY, fmt
+    if row["status"] != "ok":
+        return f"{row['variant']} seed {row['seed']}: failed: {row['reason']}"
+    metric = row["metrics"][PRIMARY]
+    return (f"{row['variant']} seed {row['seed']}: {PRIMARY} {fmt(metric['samples'])} (floor {fmt(metric['floor'])}), "
+            f"{row['wall_seconds']:.0f} s")
+
+
+def package_version(name):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def gpu_name(slot):
+    gpu, device, _ = slot
+    if device == "cpu":
+        return None
+    index = str(gpu) if gpu is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", index],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    return out or "unknown GPU"
+
+
+def cpu_name():
+    from speed import cpu_info
+    return f"CPU ({cpu_info()[0]}, {os.cpu_count()} cores)"
