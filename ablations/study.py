@@ -75,9 +75,8 @@ SCALES = {
         variants=("baseline", "noise_cond_none", "norm_batch", "target_x0", "zero_init_on", "lr_schedule_cosine",
                   "baseline_dpm_10", "baseline_clamp_on",
                   *[f"evaluation_noise_{k}" for k in range(1, EVALUATION_NOISE_SEEDS + 1)]),
-        budget_note="chosen by time, not by the curve: the whole toy study, 10 runs two at a time, took 11.4 "
-                    "minutes on this project's 2 CPU cores, and 23 minutes while another engineer's training "
-                    "jobs shared them",
+        budget_note="chosen by time, not by the curve: the whole toy study, 23 runs two at a time, took 29 "
+                    "minutes on 2 cores of an AMD EPYC while the test suite shared them (2026-12-02)",
         toy=True),
 }
 
