@@ -109,9 +109,21 @@ MEMORISATION_PERCENTILE = 0.01
 FEATURE_BATCH = 200
 ATTRIBUTE_REFERENCE_MAX = 10_000  # reference images the attribute network reads (see the docstring)
 ATTRIBUTE_CONFIDENCE_PERCENTILE = 0.05
+CACHE_DIR = os.path.join("checkpoints", "evaluation_cache")
 # Part of the cache key: bump it whenever real_statistics computes anything differently, so that
 # files written before are recomputed rather than read.
 REAL_STATISTICS_VERSION = 1
+# The code that computes the real side, hashed into the cache's key too: an edit that forgets to
+# bump REAL_STATISTICS_VERSION still never reads numbers that the old code computed.
+def source_sha256(*names):
+    digest = hashlib.sha256()
+    for name in names:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+CODE_SHA256 = source_sha256("evaluate.py", "attribute_net.py")
 
 
 def main(argv=None):
@@ -147,7 +159,7 @@ def parse_args(argv=None):
     parser.add_argument("--grid_size", type=grid_size, default="8x4", metavar="NxM",
                         help="the --grid's columns x rows (default 8x4)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
-    parser.add_argument("--cache_dir", default=os.path.join("checkpoints", "evaluation_cache"),
+    parser.add_argument("--cache_dir", default=CACHE_DIR,
                         help="where the real-data statistics are kept between evaluations (see the docstring)")
     parser.add_argument("--no_cache", action="store_true",
                         help="compute the real-data statistics afresh, and neither read nor write --cache_dir")
@@ -184,7 +196,7 @@ def run(args):
         output_file(args.grid, "--grid")
         if os.path.exists(args.grid) and not args.overwrite:
             raise UserError(f"--grid {args.grid} exists: pass --overwrite to replace it, or another --grid")
-    cache_dir = None if args.no_cache else make_folder(args.cache_dir, "--cache_dir")
+    cache_dir = None if args.no_cache else usable_cache_dir(args.cache_dir)
     device = pick_device(args.device)
     notes = []
     inception_path = find_inception_weights(args.inception_weights, download=not args.no_download)
@@ -257,6 +269,18 @@ def run(args):
                                            "sha256": attribute_net.sha256_of(args.attribute_net)}
     report["notes"] = notes
     return report
+
+
+def usable_cache_dir(path):
+    """--cache_dir made if missing. The default in a folder one cannot write to is no error: the
+    evaluation runs without a cache, with one warning. A --cache_dir given by hand must work."""
+    try:
+        return make_folder(path, "--cache_dir")
+    except UserError as e:
+        if path != CACHE_DIR:
+            raise
+        print(f"warning: {e}; evaluating without a cache", file=sys.stderr)
+        return None
 
 
 def check_grid_fits(args, available):
@@ -411,7 +435,8 @@ def real_statistics_key(reference, test, n, subset_seed, inception_weights, attr
     def file_sha256(path):
         return attribute_net.sha256_of(path) if path else None
 
-    return {"version": REAL_STATISTICS_VERSION, "reference": images_sha256(reference), "test": images_sha256(test),
+    return {"version": REAL_STATISTICS_VERSION, "code": CODE_SHA256,
+            "reference": images_sha256(reference), "test": images_sha256(test),
             "n": n, "subset_seed": subset_seed, "inception_weights": file_sha256(inception_weights),
             "attribute_net": file_sha256(attribute_weights), "device": torch.device(device).type}
 

@@ -8,7 +8,7 @@ import math
 import os
 
 from ablations import stats
-from ablations.curve import suggest_budget
+from ablations.curve import current_points, suggest_budget
 from ablations.rows import REPO, Rows, read_rows
 from cli import atomic_write
 
@@ -29,7 +29,7 @@ def write_report(study, folder, setup):
     scale = study.scale
     all_rows = read_rows(folder)
     rows = Rows.of(study, setup, all_rows)
-    curve = [r for r in read_rows(folder, "curve.jsonl") if r["status"] == "ok" and r["num_samples"] == setup.num_samples]
+    curve = current_points(study, setup, read_rows(folder, "curve.jsonl"))
     plots = os.path.join(folder, "plots")
     default_study = os.path.realpath(study.path) == os.path.realpath(os.path.join(REPO, STUDY))
     flags = ([] if default_study else ["--study", study.path]) + \
@@ -52,8 +52,10 @@ def write_report(study, folder, setup):
               f"re-evaluations), and each verdict is corrected by Holm's method over the table, so that a table "
               f"shows a false effect at most 5% of the time (`ablations/stats.py`). \"not significant\" means that "
               f"the change could not be told from run-to-run noise at this scale and seed count. Secondary metrics "
-              f"are marked * where significant. Grids: the first 32 samples of each evaluation, from the same "
-              f"starting noise for every variant.", ""]
+              f"are marked * where significant; a share that sits at 0 or 1 on every seed of the reference is marked "
+              f"saturated. img/s is the training speed of runs that shared the machine (two at a time on a CPU), "
+              f"not a benchmark. Grids: the first 32 samples of each evaluation, from the same starting noise for "
+              f"every variant.", ""]
     if not rows.current:
         lines += ["No run has a row yet.", ""]
     for group, (variants, compared) in tables.items():
@@ -138,13 +140,17 @@ def header(study, rows, setup, tables, command):
     base = rows.ok("baseline")
     base_values = values(base, PRIMARY)
     floors = sorted({round(r["metrics"][PRIMARY]["floor"], 6) for r in done if r["metrics"][PRIMARY]["floor"] is not None})
-    noise_rows = [base[0]] if 0 in base else []
-    noise_rows += [r for v in study.variants if v.group == "evaluation_noise" for r in rows.ok(v.name).values()]
+    # The evaluation noise: one trained run (the evaluation_noise rows' own, e.g. the baseline's seed
+    # 0) scored by its own row and by theirs, each from other starting noise.
+    rescored = [v for v in study.variants if v.group == "evaluation_noise"]
+    run = (rescored[0].of, rescored[0].seeds[0]) if rescored else None
+    noise_rows = [rows.current[run]] if run in rows.current and rows.current[run]["status"] == "ok" else []
+    noise_rows += [r for v in rescored for s, r in rows.ok(v.name).items() if (v.of, s) == run]
     noise = [r["metrics"][PRIMARY]["samples"] for r in noise_rows]
     trained = [r for r in done if not r["of"]]
     wall = sum(r["wall_seconds"] for r in done)
     share = sum(r["train_seconds"] for r in trained) / wall if wall else None
-    sigma_d = pooled_sigma(tables.get("one_at_a_time"))
+    sigma_d, df = pooled_sigma(tables.get("one_at_a_time"))
     seeds = max((len(v.seeds) for v in study.variants if v.group == "one_at_a_time"), default=2)
     m = sum(1 for v in study.variants if v.group == "one_at_a_time" and not v.not_runnable)
     devices = sorted({r["gpu"] or r["cpu"] for r in done}) or ["-"]
@@ -159,8 +165,9 @@ def header(study, rows, setup, tables, command):
         f"takes ceil({setup.budget_kimg * 1000:g} / batch) steps, so a larger batch takes fewer. The study answers "
         f"\"what matters in the first {setup.budget_kimg * 1000:,.0f} images\", not \"what matters at convergence\".",
         f"- **Paired seeds.** The baseline trains on seeds {', '.join(map(str, study.variant('baseline').seeds))}, "
-        f"every other variant on {seeds} of them; a run's seed fixes its initial weights, data order and training "
-        f"noise, each from its own stream, so that a variant and the baseline on one seed differ only by the change.",
+        f"every other variant on {seeds} of them; a run's seed fixes its initial weights, data order and flips, "
+        f"and training noise, each from its own stream, so that a variant and the baseline on one seed share "
+        f"every stream the change does not touch.",
         f"- **One evaluation for every row**: `evaluate.py` with {setup.num_samples} samples from starting noise "
         f"{setup.evaluation_seed}, against the same test subset and reference subset (evaluation seed "
         f"{setup.evaluation_seed}), in {setup.precision}.",
@@ -176,16 +183,16 @@ def header(study, rows, setup, tables, command):
            f"{log_sd(noise):.3f}, a ratio of x{math.exp(log_sd(noise)):.3f}." if len(noise) > 1 else
            f"not measured yet (`{command('--group', 'evaluation_noise')}`)."),
         "- **The baseline's spread over seeds**: "
-        + (f"{PRIMARY} {geometric_mean(base_values.values()):.4g} (geometric mean over {len(base_values)} seeds; "
+        + (f"{PRIMARY} {geometric_mean(base_values.values()):.4g} (geometric mean over {len(base_values)} seeds, "
            f"{min(base_values.values()):.4g} to {max(base_values.values()):.4g}), a standard deviation of the log of "
            f"{log_sd(base_values.values()):.3f} (x{math.exp(log_sd(base_values.values())):.3f}); the evaluation "
            f"noise is part of it." if len(base_values) > 1 else "not known yet: the baseline needs 2 seeds."),
         "- **Detectable change**: "
         + (f"the paired differences of the one-at-a-time table have a pooled standard deviation of {sigma_d:.3f} "
-           f"(log), so {seeds} seeds detect a change of x{stats.detectable_ratio(sigma_d, seeds):.2f} (or "
-           f"x{1 / stats.detectable_ratio(sigma_d, seeds):.2f}) with 80% power at 5%, and "
-           f"x{stats.detectable_ratio(sigma_d, seeds, alpha=stats.ALPHA / max(m, 1)):.2f} at Holm's strictest step "
-           f"over its {m} variants; smaller changes may be real but unseen." if sigma_d else
+           f"(log, {df} degrees of freedom), so {seeds} seeds detect a change of "
+           f"x{stats.detectable_ratio(sigma_d, seeds, df=df):.2f} (or x{1 / stats.detectable_ratio(sigma_d, seeds, df=df):.2f}) "
+           f"with 80% power by a t test at 5%, and x{stats.detectable_ratio(sigma_d, seeds, stats.ALPHA / max(m, 1), df=df):.2f} "
+           f"at Holm's strictest step over its {m} variants; smaller changes may be real but unseen." if sigma_d else
            "not known yet: it needs the one-at-a-time table's pooled variance (2 seeds of one variant)."),
         "- **Where the time goes**: "
         + (f"training is {share:.0%} of the runs' wall time ({sum(r['train_seconds'] for r in trained) / 60:.1f} of "
@@ -201,11 +208,11 @@ def header(study, rows, setup, tables, command):
 
 
 def pooled_sigma(entry):
-    """The pooled standard deviation of one training run's paired log difference in a table."""
-    if not entry:
-        return None
-    comparison = next((c for c in entry[1][PRIMARY].values() if c.pooled and c.se is not None), None)
-    return comparison.se * math.sqrt(comparison.n) if comparison else None
+    """(the pooled standard deviation of one paired log difference of the table's training changes,
+    its degrees of freedom), or (None, None)."""
+    comparison = next((c for c in (entry[1][PRIMARY].values() if entry else ()) if c.pooled and c.se is not None),
+                      None)
+    return (comparison.se * math.sqrt(comparison.n), comparison.df) if comparison else (None, None)
 
 
 # ---- the tables ----------------------------------------------------------------------------------
@@ -231,9 +238,14 @@ def table_lines(study, rows, variants, compared):
             cells += [text, f"**{verdict}**" if primary.significant else verdict]
         else:
             cells += ["-", "reference" if reference is None else "no shared seed"]
-        for key, _, _, lower_is_better in METRICS[1:]:
+        for key, _, scale, lower_is_better in METRICS[1:]:
             c = compared[key].get(v.name)
-            cells.append(stats.describe(c, lower_is_better)[0] + (" *" if c.significant else "") if c else "-")
+            bound = saturated(values(rows.ok(reference), key)) if reference and scale == "diff" else None
+            if bound is not None:  # no spread to judge by: an interval would mean nothing
+                here = mean(list(values(ok, key).values()))
+                cells.append(f"saturated ({bound:g} -> {fmt(here, '.2f')})")
+            else:
+                cells.append(stats.describe(c, lower_is_better)[0] + (" *" if c.significant else "") if c else "-")
         cells += [fmt(mean([r["val_loss_ema"] for r in ok.values() if r.get("val_loss_ema") is not None]), ".4f"),
                   fmt(mean([r["img_per_s"] for r in ok.values() if r.get("img_per_s")]), ".0f"), "; ".join(comment)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -242,6 +254,12 @@ def table_lines(study, rows, variants, compared):
 
 def mean(values):
     return sum(values) / len(values) if values else None
+
+
+def saturated(by_seed):
+    """0 or 1 when a share (precision, recall) sits at that bound on every seed of the reference, else None."""
+    shares = set(by_seed.values())
+    return shares.pop() if len(shares) == 1 and shares <= {0.0, 1.0} else None
 
 
 def stale_section(rows, command):

@@ -84,9 +84,12 @@ def append_row(path, row):
         os.fsync(f.fileno())
 
 
+WARNED = set()  # (path, line) of the cut lines this process has warned about: one warning each
+
+
 def read_rows(folder, pattern="results*.jsonl"):
-    """Every row of every results file in the folder (shards write their own); a line that is not
-    JSON (cut short by a crash) is skipped with one warning."""
+    """Every row of every results file in the folder (shards write their own), in the order the
+    runs finished; a line that is not JSON (cut short by a crash) is skipped, with one warning."""
     rows = []
     for path in sorted(glob.glob(os.path.join(folder, pattern))):
         with open(path) as f:
@@ -95,9 +98,12 @@ def read_rows(folder, pattern="results*.jsonl"):
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError:
-                        print(f"warning: {path} line {number} is not a whole JSON row (a run cut short while "
-                              f"writing it?); skipped, and its run counts as not done", file=sys.stderr)
-    return rows
+                        if (path, number) not in WARNED:
+                            WARNED.add((path, number))
+                            print(f"warning: {path} line {number} is not a whole JSON row (a run cut short while "
+                                  f"writing it?); skipped, and its run counts as not done", file=sys.stderr)
+    # Shards' files are read one after another, so file order is not the order of the runs.
+    return sorted(rows, key=lambda r: r.get("finished", 0))
 
 
 @dataclasses.dataclass
@@ -113,7 +119,7 @@ class Rows:
         hashes = {v.name: config_hash(study, v) for v in study.variants if not v.not_runnable}
         mine = [r for r in rows if r.get("setup_hash") == setup.hash]
         current, stale = {}, []
-        for r in mine:  # a later row (a rerun) replaces an earlier one
+        for r in mine:  # a row that finished later (a rerun) replaces an earlier one
             if r["variant"] not in hashes:
                 continue  # a variant no longer in this scale
             if r.get("config_hash") != hashes[r["variant"]]:

@@ -41,10 +41,9 @@ RUNS_PER_GPU = 1
 # per CPU-hour of one 2-thread run (254 against 183 img/s in all); at channels (32, 64, 64, 64), 0.96x
 # for 5 kimg runs, whose start (decoding the data set, the probe) ran twice at once, while training
 # itself ran 1.09x (88 against 81 img/s). Two runs at once, until the study's own scale measures better
-# (--runs_per_gpu overrides it).
+# (--runs_per_gpu overrides it; the study's scales pin fp32, not measured at 2 x 1 yet).
 RUNS_PER_CPU = 2
 SAMPLER_FLAGS = {"sampler": "--sampler", "sampling_steps": "--steps", "eta": "--eta", "clamp_x0": "--clamp"}
-GRID = (8, 4)   # columns, rows: the first 32 samples of the evaluation, the same noise for every variant
 LOG_EVERY = 10  # steps between the logged losses that draw the loss curves (each costs a host sync)
 
 
@@ -54,6 +53,11 @@ class RunFailed(Exception):
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM: the run leaves no row."""
+
+
+class Skipped(Exception):
+    """A re-evaluation whose trained run is not there to evaluate: no row (the trained run's own row
+    says why), and a rerun tries again."""
 
 
 class Runner:
@@ -140,23 +144,26 @@ class Runner:
         return code
 
     def worker(self, slot):
-        while (job := self.next_job()) is not None:
-            try:
-                row = self.run_job(job, slot)
-            except Interrupted:
-                return
-            except BaseException:
-                self.interrupt("a bug in ablate.py stopped the study (traceback below); the runs under way "
-                               "leave no row")
-                raise
-            finally:
+        try:
+            while (job := self.next_job()) is not None:
+                try:
+                    row = self.run_job(job, slot)
+                except Interrupted:
+                    return
+                except Skipped as e:
+                    self.bar.write(f"{job.variant.name} seed {job.seed}: not run: {e}")
+                    continue
+                finally:
+                    with self.lock:
+                        self.running.discard(job.key)
+                        self.lock.notify_all()
                 with self.lock:
-                    self.running.discard(job.key)
-                    self.lock.notify_all()
-            with self.lock:
-                append_row(self.results, row)
-            self.bar.update(1)
-            self.bar.write(summary(row))
+                    append_row(self.results, row)
+                self.bar.update(1)
+                self.bar.write(summary(row))
+        except BaseException:
+            self.interrupt("a bug in ablate.py stopped the study (traceback below); the runs under way leave no row")
+            raise
 
     def next_job(self):
         """The first pending run whose trained run (for a re-evaluation) is neither pending nor under
@@ -186,16 +193,21 @@ class Runner:
                    if r["status"] == "ok" and bool(r["of"]) == bool(job.variant.of)]
         return max(seconds) if seconds else 60 * self.scale.run_minutes_guess / (3 if job.variant.of else 1)
 
-    def interrupt(self, message):
+    def interrupt(self, message, wait=False):
+        """Stop: no new step starts, the steps under way get SIGINT (train.py writes its checkpoint);
+        wait: until they have exited (the curve, whose step ran on this thread)."""
         if self.stop.is_set():
             return
         self.stop.set()
         with self.lock:
             self.lock.notify_all()
             children = list(self.children)
-        for child in children:  # train.py writes its checkpoint on SIGINT
+        for child in children:
             with contextlib.suppress(OSError):
                 child.send_signal(signal.SIGINT)
+        if wait:
+            for child in children:
+                child.wait()
         print(f"\n{message}", file=sys.stderr)
 
     # -- one run
@@ -227,7 +239,8 @@ class Runner:
             row.update(self.evaluate(v, seed, eval_seed, run_dir, slot))
         except RunFailed as e:
             row.update(status="failed", reason=str(e))
-        row["wall_seconds"] = round(time.time() - started, 1)
+        row["finished"] = time.time()  # rows are ordered by it (ablations/rows.py)
+        row["wall_seconds"] = round(row["finished"] - started, 1)
         # A GPU that runs several runs at once gives each its share of the time.
         row["gpu_seconds"] = None if slot[1] == "cpu" else round(row["wall_seconds"] / self.runs_per_gpu, 1)
         row["config"] = config_to_dict(config)
@@ -237,11 +250,11 @@ class Runner:
         """For a re-evaluation: the training fields of the run it re-evaluates."""
         parent = self.rows().current.get((v.of, seed))
         if parent is None or parent["status"] != "ok":
-            raise RunFailed(f"its trained run {v.of} seed {seed} "
-                            f"{'has no current row' if parent is None else 'failed: ' + str(parent['reason'])}")
+            raise Skipped(f"its trained run {v.of} seed {seed} "
+                          f"{'has no current row' if parent is None else 'failed: ' + str(parent['reason'])}")
         if not os.path.isfile(os.path.join(run_dir, "latest_model.pth")):
-            raise RunFailed(f"{run_dir}/latest_model.pth is missing (trained on another machine?): copy the "
-                            f"folder here, or delete {v.of}'s row and rerun it")
+            raise Skipped(f"{run_dir}/latest_model.pth is missing (trained on another machine?): copy the "
+                          f"folder here, or delete {v.of}'s row and rerun it")
         return {"parent_run": parent["run_id"],
                 **{k: parent.get(k) for k in ("batch_size", "steps", "images_seen", "train_seconds", "img_per_s",
                                               "train_loss", "val_loss", "val_loss_ema")}}
@@ -283,7 +296,7 @@ class Runner:
             self.setup.num_samples, "--output_json", report_path, "--reference_dir", self.args.train_dataset_directory,
             "--test_dir", self.args.validate_dataset_directory, "--no_download", "--seed", eval_seed,
             "--subset_seed", self.setup.evaluation_seed, "--cache_dir", os.path.join(self.checkpoints, "evaluation_cache"),
-            "--grid", grid_path, "--grid_size", "x".join(map(str, GRID)), "--overwrite",
+            "--grid", grid_path, "--overwrite",  # evaluate.py's 8x4: the first 32 samples
             "--device", slot[1], "--precision", self.setup.precision, "--layout", "contiguous", *sampler], run_dir, slot)
         with open(report_path) as f:
             report = json.load(f)

@@ -1,8 +1,8 @@
 """The study's statistics: is a variant's change against its reference larger than run-to-run noise?
 The whole rule is here, in four steps.
 
-1. Paired differences. A variant and its reference (the baseline, or for a re-evaluation the run it
-   re-evaluates) are trained on the same seeds, so they are compared seed by seed. For a positive
+1. Paired differences. A variant and its reference (the baseline; for a re-evaluation the run it
+   re-evaluates; on the path the row above) are trained on the same seeds, so they are compared seed by seed. For a positive
    metric (attribute FD, SWD) the difference is d_s = log(variant_s) - log(reference_s), and the
    report shows the ratio exp(mean d). For a metric in [0, 1] (precision, recall) it is the plain
    difference d_s = variant_s - reference_s. Pairing cancels the noise that two runs share through
@@ -28,14 +28,15 @@ The whole rule is here, in four steps.
    whatever the dependence between the variants. A variant is significant when its adjusted p is
    below 0.05. The interval is not widened: it is the plain 95% interval, so it can exclude 1 while
    the verdict, which is the adjusted one, is "not significant".
-4. Power. detectable_ratio says how large a true change n seeds find with 80% power, so a report can
-   say which changes it could not have seen.
+4. Power. detectable_ratio says how large a true change n seeds find with 80% power (by the t test's
+   exact power at the pooled degrees of freedom), so a report can say which changes it could not
+   have seen.
 """
 import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 ALPHA = 0.05  # the family-wise error of a table; the intervals cover 1 - ALPHA
 DIFFERENCE_SCALES = ("log", "diff")
@@ -138,15 +139,28 @@ def holm(p_values):
     return adjusted
 
 
-def detectable_ratio(sigma, n, alpha=ALPHA, power=0.8):
+def detectable_ratio(sigma, n, alpha=ALPHA, power=0.8, df=None):
     """The smallest true ratio exp(delta) that n paired seeds detect with this power at this two-sided
     alpha, when the paired log differences have standard deviation sigma (the square root of
-    pooled_variance's var_d): delta = (z(1 - alpha/2) + z(power)) * sigma / sqrt(n). A normal
-    approximation: it ignores the t distribution's heavier tails, so it is optimistic with few degrees
-    of freedom, and Holm's correction (pass alpha / the number of variants for its strictest step). A
-    fall to 1 / ratio is detected as well."""
-    z = stats.norm.ppf
-    return math.exp(float(z(1 - alpha / 2) + z(power)) * sigma / math.sqrt(n))
+    pooled_variance's var_d). With df (the degrees of freedom of the test's variance), by the t
+    test's exact power: the noncentral t distribution with noncentrality delta / (sigma / sqrt(n)).
+    Without, the normal approximation delta = (z(1 - alpha/2) + z(power)) * sigma / sqrt(n), which is
+    optimistic with few degrees of freedom. For Holm's strictest step pass alpha / the number of
+    variants. A fall to 1 / ratio is detected as well."""
+    se = sigma / math.sqrt(n)
+    if df is None:
+        return math.exp(float(stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se)
+    critical = float(stats.t.ppf(1 - alpha / 2, df))
+
+    def shortfall(nc):  # the power at noncentrality nc = delta / se, less the power asked for
+        wrong_side = np.nan_to_num(stats.nct.cdf(-critical, df, nc))  # scipy gives NaN where it is about 0
+        return float(stats.nct.sf(critical, df, nc) + wrong_side) - power
+    high = 1.0
+    while shortfall(high) < 0:  # a bracket for the root, within the noncentralities scipy computes well
+        high *= 2
+        if high > 64:
+            return math.inf
+    return math.exp(optimize.brentq(shortfall, 0.0, high) * se)
 
 
 def describe(c, lower_is_better=True):

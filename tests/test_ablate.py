@@ -1,6 +1,7 @@
 """Tests for ablate.py and ablations/ (the study as data, the plan, the rows and their provenance, the
 report, the curve), and the whole study end to end on tiny data through the real scripts (train.py,
 evaluate.py)."""
+import dataclasses
 import json
 import math
 import os
@@ -207,8 +208,35 @@ def test_a_row_cut_short_by_a_crash_costs_no_other_row(tmp_path, capsys):
         f.write('{"variant": "b", "se')  # a crash in the middle of a write
     rows.append_row(results, {"variant": "c", "seed": 0})  # the next run's row: not glued to the broken one
     assert [r["variant"] for r in rows.read_rows(tmp_path)] == ["a", "c"]
+    assert [r["variant"] for r in rows.read_rows(tmp_path)] == ["a", "c"]  # read again: no second warning
     warnings = [line for line in capsys.readouterr().err.splitlines() if line]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: {results} line 2 is not a whole JSON row")
+
+
+def test_rows_are_ordered_by_when_their_runs_finished_whatever_their_file(tmp_path):
+    """A shard's file is read after results.jsonl: a run retried into results.jsonl after it failed in
+    a shard must still count as the later row."""
+    path = write_study(tmp_path, 'Variant("baseline", "baseline", seeds=(0, 1))')
+    study = plan.load_study(path, "toy")
+    setup = Setup.of(study.scale)
+    rows.append_row(tmp_path / "results.shard-1-of-2.jsonl", fake_row(study, setup, "baseline", 0, None, "failed", finished=1.0))
+    rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "baseline", 0, 100.0, finished=2.0))
+    current = rows.Rows.of(study, setup, rows.read_rows(tmp_path)).current
+    assert current["baseline", 0]["status"] == "ok"
+
+
+def test_a_bug_in_the_runner_stops_it_with_its_traceback_and_writes_no_row(tmp_path, monkeypatch):
+    path = write_study(tmp_path, 'Variant("baseline", "baseline", seeds=(0, 1))')
+    args = ablate.parse_args("run", ["--study", path, "--scale", "toy", "--out", str(tmp_path / "out"),
+                                     "--checkpoints", str(tmp_path / "runs"), "--train_dataset_directory", str(tmp_path),
+                                     "--validate_dataset_directory", str(tmp_path), "--device", "cpu"])
+
+    def buggy_train(self, *args):
+        raise KeyError("a bug")
+    monkeypatch.setattr(ablate.Runner, "train", buggy_train)
+    with pytest.raises(KeyError, match="a bug"):
+        ablate.Runner(plan.load_study(path, "toy"), args).run()
+    assert not (tmp_path / "out" / "results.jsonl").exists()
 
 
 def test_an_edited_variant_and_a_re_evaluation_of_a_rerun_are_stale(tmp_path):
@@ -300,8 +328,12 @@ def test_the_report_shows_paired_ratios_from_the_rule_and_its_header(tmp_path):
         assert f"| {ratio} | {verdict} |" in line(name), line(name)
     assert ratio.startswith("x1.00 [") or ratio.startswith("x0.99 [")
     assert "seed 2 failed: train.py exit 1: boom" in line("norm_batch")
-    assert "| `baseline_ddim_5` | sampling_steps=5 | `baseline` | 2 |" in line("baseline_ddim_5")
-    assert "| x1.10 (no interval) |" not in line("baseline_ddim_5")  # pooled over the two seeds: an interval
+    # A re-evaluation: x1.10 on both seeds, so no spread and an interval of exactly 1.10 (its own pool).
+    assert "| `baseline_ddim_5` | sampling_steps=5 | `baseline` | 2 | " in line("baseline_ddim_5")
+    assert "| x1.10 [1.10, 1.10] | **hurts** |" in line("baseline_ddim_5")
+    assert "saturated" not in line("lr_x2")  # precision 0.5 and recall 0.4: not at a bound
+    assert report.saturated({0: 1.0, 1: 1.0}) == 1.0 and report.saturated({0: 0.0}) == 0.0
+    assert report.saturated({0: 1.0, 1: 0.9}) is None and report.saturated({0: 0.5, 1: 0.5}) is None
     # The header: one floor, the evaluation noise, the baseline's spread, the share of training.
     assert "attribute_fd 30, the same for every row." in text
     noise = [100.0, 105.0, 95.0]
@@ -351,18 +383,23 @@ class CurveRunner:
     def slots(self):
         return [(None, "cpu", 2)]
 
+    def interrupt(self, message, wait=False):
+        self.interrupted = (message, wait)
+
     def run_job(self, job, slot, budget_kimg, run_dir, fresh):
         if budget_kimg == self.interrupt_at:
             raise curve.Interrupted
         self.calls.append((job.variant.name, job.variant.overrides, budget_kimg, run_dir, fresh))
         row = fake_row(self.study, self.setup, "baseline", job.seed, 1000 / budget_kimg)
-        return {**row, "variant": job.variant.name, "budget_kimg": budget_kimg, "steps": round(budget_kimg * 1000 / 16)}
+        return {**row, "variant": job.variant.name, "budget_kimg": budget_kimg, "steps": round(budget_kimg * 1000 / 16),
+                "setup_hash": dataclasses.replace(self.setup, budget_kimg=budget_kimg).hash}
 
 
 def test_the_curve_trains_one_run_in_segments_and_resumes_where_it_stopped(tmp_path):
     study = plan.load_study(write_study(tmp_path, 'Variant("baseline", "baseline", seeds=(0, 1))'), "toy")
     runner = CurveRunner(study, tmp_path, interrupt_at=0.128)
     assert curve.run_curve(runner) == 130  # 1/4, 1/2, 1 and 2 budgets of 0.128 kimg; stopped at the third
+    assert runner.interrupted[1] is True  # it waits for the steps under way
     assert runner.calls == [("curve_0.032kimg", ("lr_schedule=constant",), 0.032, str(tmp_path / "runs/curve/seed0"), True),
                             ("curve_0.064kimg", ("lr_schedule=constant",), 0.064, str(tmp_path / "runs/curve/seed0"), False)]
     runner = CurveRunner(study, tmp_path)
@@ -373,6 +410,7 @@ def test_the_curve_trains_one_run_in_segments_and_resumes_where_it_stopped(tmp_p
         curve.run_curve(CurveRunner(study, tmp_path), points_kimg=[0.1, 0.5])
     text = open(tmp_path / "REPORT.md").read()
     assert "| 0.064 | 4 | 1.562e+04 | 30 | -50% |" in text and "No suggestion: the last point still improved" in text
+    assert "![curve](plots/curve.png)" in text and pixel_spread(tmp_path / "plots" / "curve.png") > 5
 
 
 def test_the_suggested_budget_is_where_the_curve_flattens():
@@ -458,9 +496,13 @@ def test_the_study_end_to_end_on_tiny_data(tmp_path):
     assert result.returncode == 0, result.stderr
     text = open(out / "REPORT.md").read()
     assert text.startswith("# Ablation study: toy scale (toy)\n\n> **Toy scale.**")
-    assert "(8 runs, 6 finished, 0 stale" not in text and "6 finished, 1 stale" not in text
+    assert "(7 runs, 6 finished, 0 stale" in text  # the edited re-evaluation's old row is replaced
+    differences = {"lr_x2": stats.paired_differences(*[{s: ok[name, s]["metrics"]["attribute_fd"]["samples"]
+                                                         for s in (0, 1)} for name in ("lr_x2", "baseline")])}
+    expected = stats.compare_table(differences, references={"lr_x2": "baseline"}, kinds={"lr_x2": "training"})["lr_x2"]
     line = next(row for row in text.splitlines() if row.startswith("| `lr_x2` |"))
-    assert re.search(r"\| `baseline` \| 2 \| [0-9.e+]+ \| x[0-9.]+ \[[0-9.]+, [0-9.]+\] \| (\*\*helps\*\*|\*\*hurts\*\*|not significant) \|", line), line
+    ratio, verdict = stats.describe(expected)
+    assert f"| `baseline` | 2 | " in line and f"| {ratio} | {'**' + verdict + '**' if expected.significant else verdict} |" in line, line
     assert "seed 0 failed: train.py exit 2: error: --batch_size 512" in text
     assert "`peer`: not runnable yet: not built in this test" in text
     assert "the baseline's seed-0 run scored from 2 starting noises" in text

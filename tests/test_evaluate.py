@@ -811,3 +811,16 @@ def test_checkpoint_end_to_end(folders, tmp_path):
     assert m["swd_x1e3_avg"]["samples"] > 5 * m["swd_x1e3_avg"]["floor"]
     assert m["precision"]["samples"] < m["precision"]["floor"] - 0.5
     assert m["memorised_share"]["samples"] == 0.0
+
+
+def test_the_default_cache_folder_that_cannot_be_made_means_no_cache(tmp_path, monkeypatch, capsys):
+    """In a folder one cannot write to, plain evaluate.py still runs (one warning); a --cache_dir given
+    by hand that cannot be made is the user's one-line error."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setattr(evaluate, "CACHE_DIR", str(blocker / "evaluation_cache"))
+    assert evaluate.usable_cache_dir(evaluate.CACHE_DIR) is None
+    assert capsys.readouterr().err.startswith(f"warning: --cache_dir {blocker / 'evaluation_cache'}: cannot create")
+    with pytest.raises(evaluate.UserError, match="--cache_dir .*: cannot create this folder"):
+        evaluate.usable_cache_dir(str(blocker / "mine"))
+    assert evaluate.usable_cache_dir(str(tmp_path / "made")) == str(tmp_path / "made")

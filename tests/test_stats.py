@@ -151,3 +151,30 @@ def test_kinds_pool_apart_and_holm_spans_the_table():
     assert (apart["t1"].se, apart["t1"].df) == (pytest.approx(math.sqrt(pooled_variance(training)[0] / 2)), 2)
     # Holm counts all three p-values, not only those of one kind.
     assert [apart[v].p_holm for v in ("t1", "t2", "r")] == pytest.approx(holm([apart[v].p for v in ("t1", "t2", "r")]))
+
+
+def test_the_studys_own_design_keeps_the_family_wise_error_at_5_percent():
+    """The design as the study runs it: a 5-seed baseline, every variant on 2 of its seeds, pooled."""
+    rng = np.random.default_rng(2)
+    tables = 2000
+    any_significant = sum(any(c.significant for c in compare_table(
+        simulate_table(rng, [2] * 10, [0.0] * 10, baseline_seeds=5), pool=True).values()) for _ in range(tables))
+    assert any_significant / tables <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / tables)
+
+
+def test_the_detectable_ratio_by_the_t_tests_exact_power():
+    """With few degrees of freedom the t test needs a larger change than the normal approximation says;
+    at the ratio it returns, a simulated paired t test finds the change 80% of the time."""
+    sigma, n, df = 0.17, 2, 5
+    exact, normal = detectable_ratio(sigma, n, df=df), detectable_ratio(sigma, n)
+    assert exact > normal and detectable_ratio(sigma, n, df=10_000) == pytest.approx(normal, rel=2e-3)
+    assert detectable_ratio(sigma, n, alpha=0.01, df=df) > exact
+    rng = np.random.default_rng(3)
+    from scipy import stats as scipy_stats
+    trials, found = 4000, 0
+    critical = scipy_stats.t.ppf(0.975, df)
+    for _ in range(trials):
+        mean = rng.normal(math.log(exact), sigma / math.sqrt(n))
+        se = sigma / math.sqrt(n) * math.sqrt(rng.chisquare(df) / df)
+        found += abs(mean) / se > critical
+    assert found / trials == pytest.approx(0.8, abs=0.03)

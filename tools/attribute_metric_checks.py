@@ -129,7 +129,7 @@ def build_image_sets(test_dir, n, seed):
 
 
 def reference_subset(reference_dir, n, seed):
-    """The reference images evaluate.evaluate uses with the same seed, in its order: the first N for
+    """The reference images evaluate.py uses with --subset_seed equal to seed, in its order: the first N for
     SWD, the first ATTRIBUTE_REFERENCE_MAX for the attribute network. Only these are read."""
     paths = image_files(reference_dir)
     if len(paths) < n:
