@@ -29,7 +29,9 @@ for name in sys.argv[1:]:
         h.update(open(name, "rb").read())
 print(h.hexdigest())' requirements.txt tools/visdom_assets.py)-${TORCH_INDEX_URL:-default}
 stamp=$VENV/.installed
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c 'import torch, diffusers, visdom' 2>/dev/null; then
+# (find_spec, not import: importing torch and diffusers alone takes about 4 s)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c 'import importlib.util, sys
+sys.exit(any(importlib.util.find_spec(name) is None for name in ("torch", "diffusers", "visdom", "xdist")))' 2>/dev/null; then
     echo "install.sh: $VENV is up to date"
     exit 0
 fi

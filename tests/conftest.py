@@ -1,5 +1,6 @@
 """Shared fixtures. Visdom: a real visdom server on a free loopback port, and one tiny training
-run that logs to it (used by test_visdom.py and test_browser.py)."""
+run that logs to it (used by test_visdom.py and test_browser.py). And the suite's split over
+pytest-xdist workers (bash test.sh runs two)."""
 import json
 import os
 import socket
@@ -14,8 +15,44 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The suite's own compile cache and speed ledger (speed.py), for every test and the scripts they
 # start: timings measured under the suite's load must not become what a user's runs read, and no
-# test may depend on what a user's ledger holds.
+# test may depend on what a user's ledger holds. (Each xdist worker has its own.)
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="simple_ddpm_tests_cache_")
+
+# Under xdist the workers share the cores: each worker, and every script its tests start, gets
+# cores / workers CPU threads (1 each on 2 cores). Two threads a worker would oversubscribe the
+# cores, and torch's threads spin while they wait for each other. OMP_NUM_THREADS set by hand wins.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    import torch
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# Under xdist (bash test.sh: -n 2) each test goes to whichever worker is free, except that the tests
+# of these files go together to one worker: they share a costly module or session fixture (a trained
+# checkpoint, a tiny pipeline, an attribute network, a visdom server and run, a 2-process run, a
+# first timed run) that another worker would build again, and test_gpu.py's share the one GPU.
+# test_train.py's module fixture (80 avatars, under a second) is cheap, so its tests, the suite's
+# longest file, spread over both workers.
+TOGETHER = {"test_generate.py": "generate", "test_evaluate.py": "evaluate", "test_attribute_net.py": "attribute_net",
+            "test_avatars.py": "avatars", "test_generate_image.py": "generate_image", "test_gpu.py": "gpu",
+            "test_distributed.py": "distributed", "test_speed.py": "speed", "test_visdom.py": "visdom",
+            "test_browser.py": "visdom"}
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # tryfirst: before xdist's own schedulers
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling (a unit at a time to a free worker, the largest units first), with
+    TOGETHER's files as units and every other test a unit of its own. (Not --dist loadgroup with
+    xdist_group marks: with pytest 9.2 it silently stops grouping, pytest-xdist issue 1386.)"""
+    if config.getvalue("dist") != "load":  # another --dist asked for by hand
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TogetherScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return TOGETHER.get(os.path.basename(nodeid.split("::")[0]), nodeid)
+
+    return TogetherScheduling(config, log)
 
 
 def free_port():

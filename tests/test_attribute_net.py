@@ -109,9 +109,13 @@ def test_tiny_training_writes_a_file_that_loads_with_its_sha256(tiny_run, tiny_d
 def test_the_same_seed_gives_the_same_weights(tiny_run, tiny_data, tmp_path):
     out, net, _ = tiny_run
     threads = torch.get_num_threads()
-    train_attribute_net.main(tiny_args(tiny_data, tmp_path))  # --num_threads 1
-    # torch's global settings are back as they were, for the tests that run after this one.
-    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)  # not the 1 the script asks for, even in an xdist worker that has 1
+    try:
+        train_attribute_net.main(tiny_args(tiny_data, tmp_path))  # --num_threads 1
+        # torch's global settings are back as they were, for the tests that run after this one.
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)
     first = torch.load(out / "net.pt", weights_only=True)["state_dict"]
     again = torch.load(tmp_path / "net.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(first[k], again[k]) for k in first)

@@ -31,21 +31,29 @@ def train(images, run_dir, processes, *extra):
     return losses, torch.load(os.path.join(run_dir, "latest_model.pth"), weights_only=True)
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(images, tmp_path):
+@pytest.fixture(scope="module")
+def two_processes_six_steps(images, tmp_path_factory):
+    """One 2-process run of 6 steps, for the two tests below (each torchrun costs about 10 s):
+    (losses, checkpoint, run folder). Neither test writes into its folder."""
+    run_dir = tmp_path_factory.mktemp("ddp_two")
+    return (*train(images, run_dir, 2, "--max_steps", 6), run_dir)
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(images, two_processes_six_steps, tmp_path):
     one, one_ckpt = train(images, tmp_path / "one", 1, "--max_steps", 6)
-    two, two_ckpt = train(images, tmp_path / "two", 2, "--max_steps", 6)
+    two, two_ckpt, two_dir = two_processes_six_steps
     # Each process draws the whole batch's noise and keeps its half, and gradients are averaged:
     # the same maths, summed in another order. Measured here: losses agree to 1e-6.
     assert two == pytest.approx(one, rel=1e-4)
-    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))  # rank 0 alone writes
+    assert sorted(os.listdir(two_dir)) == sorted(os.listdir(tmp_path / "one"))  # rank 0 alone writes
     diffs = torch.cat([(one_ckpt["model"][k].float() - two_ckpt["model"][k].float()).flatten() for k in one_ckpt["model"]])
     # Adam's first steps move each weight by about +-lr whatever the gradient's size, so a weight
     # whose gradient is ~0 may go either way; all but a few of them agree closely.
     assert (diffs.abs() < 1e-4).float().mean() > 0.99
 
 
-def test_two_processes_resume_exactly(images, tmp_path):
-    straight, a = train(images, tmp_path / "straight", 2, "--max_steps", 6)
+def test_two_processes_resume_exactly(images, two_processes_six_steps, tmp_path):
+    straight, a, _ = two_processes_six_steps
     train(images, tmp_path / "resumed", 2, "--max_steps", 3)
     resumed, b = train(images, tmp_path / "resumed", 2, "--max_steps", 6)
     assert resumed == straight

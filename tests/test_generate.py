@@ -13,8 +13,9 @@ pytestmark = pytest.mark.slow  # every test here uses a checkpoint trained by tr
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     images = make_avatar_folder(root / "train", 16)
+    # 30 epochs of one step; one validation, at the end (one every epoch would double the time)
     result = run_script("train.py", *tiny_train_args(images, images, str(root / "run"), "--max_steps", 30,
-                                                     "--num_epochs", 100))
+                                                     "--num_epochs", 100, "--validate_every", 100))
     assert result.returncode == 0, result.stderr
     return root / "run" / "latest_model.pth"
 
@@ -24,6 +25,15 @@ def generate(checkpoint, out_dir, *extra):
                         "--device", "cpu", "--steps", 4, *extra)
     assert result.returncode == 0, result.stderr
     return result
+
+
+def generate_in_process(checkpoint, out_dir, capsys, *extra):
+    """generate.py's main in this process, with the flags of generate(): no interpreter to start and
+    no torch and diffusers to import, about 4 s less a call. Returns what it printed."""
+    import generate
+    assert generate.main(["--checkpoint", str(checkpoint), "--generated_image_save_dir", str(out_dir), "--device", "cpu",
+                          "--steps", "4", *map(str, extra)]) == 0
+    return capsys.readouterr().out
 
 
 def pixels(path):
@@ -48,27 +58,27 @@ def test_seed_makes_a_run_reproducible(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
-def test_each_sampler_writes_a_grid(checkpoint, tmp_path, sampler):
-    result = generate(checkpoint, tmp_path, "--sampler", sampler, "--n", 2, "--m", 1, "--clamp", "on")
-    assert f"{sampler}-4" in result.stdout
+def test_each_sampler_writes_a_grid(checkpoint, tmp_path, capsys, sampler):
+    out = generate_in_process(checkpoint, tmp_path, capsys, "--sampler", sampler, "--n", 2, "--m", 1, "--clamp", "on")
+    assert f"{sampler}-4" in out
     assert pixels(tmp_path / "generated_images_2x1.png").shape == (32, 64, 3)
 
 
-def test_ema_weights_by_default(checkpoint, tmp_path):
-    generate(checkpoint, tmp_path / "ema", "--n", 2, "--m", 1)
-    generate(checkpoint, tmp_path / "raw", "--n", 2, "--m", 1, "--no_ema")
+def test_ema_weights_by_default(checkpoint, tmp_path, capsys):
+    generate_in_process(checkpoint, tmp_path / "ema", capsys, "--n", 2, "--m", 1)
+    generate_in_process(checkpoint, tmp_path / "raw", capsys, "--n", 2, "--m", 1, "--no_ema")
     assert not np.array_equal(pixels(tmp_path / "ema" / "generated_images_2x1.png"),
                               pixels(tmp_path / "raw" / "generated_images_2x1.png"))
 
 
-def test_an_existing_grid_is_kept_without_overwrite(checkpoint, tmp_path):
-    generate(checkpoint, tmp_path, "--n", 1, "--m", 1)
+def test_an_existing_grid_is_kept_without_overwrite(checkpoint, tmp_path, capsys):
+    generate_in_process(checkpoint, tmp_path, capsys, "--n", 1, "--m", 1)
     before = (tmp_path / "generated_images_1x1.png").read_bytes()
     line = one_line_error(run_script("generate.py", "--checkpoint", checkpoint, "--generated_image_save_dir", tmp_path,
                                      "--n", 1, "--m", 1, "--device", "cpu"))
     assert "exists" in line and "--overwrite" in line
     assert (tmp_path / "generated_images_1x1.png").read_bytes() == before
-    generate(checkpoint, tmp_path, "--n", 1, "--m", 1, "--overwrite", "--seed", 5)
+    generate_in_process(checkpoint, tmp_path, capsys, "--n", 1, "--m", 1, "--overwrite", "--seed", 5)
     assert (tmp_path / "generated_images_1x1.png").read_bytes() != before
 
 
@@ -105,11 +115,17 @@ def test_batch_size_below_one_is_a_one_line_error(checkpoint, tmp_path):
                                                    ("--eta", 2, r"must be in \[0.0, 1.0\]"),
                                                    ("--seed", -1, "-1 must be 0 or more"),
                                                    ("--clamp", "maybe", "expected True or False")])
-def test_bad_numbers_are_one_line_errors(checkpoint, tmp_path, flag, value, message):
-    result = run_script("generate.py", "--checkpoint", checkpoint, "--generated_image_save_dir", tmp_path,
-                        "--device", "cpu", flag, value)
-    assert result.returncode == 2
-    assert re.match(f"error: argument {flag}: {message}", one_line_error(result))
+def test_bad_numbers_are_one_line_errors(checkpoint, tmp_path, capfd, flag, value, message):
+    """In-process, through run_main as `python generate.py` runs it (the tests around this one show
+    the same path in a subprocess): seven more interpreters would add about 20 s."""
+    import generate
+    from cli import run_main
+    with pytest.raises(SystemExit) as stop:
+        run_main(generate.main, ["--checkpoint", str(checkpoint), "--generated_image_save_dir", str(tmp_path),
+                                 "--device", "cpu", flag, str(value)])
+    assert stop.value.code == 2
+    out, err = capfd.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and re.match(f"error: argument {flag}: {message}", err), err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -50,7 +50,8 @@ class GaussianDenoiser(torch.nn.Module):
     """Data: independent pixels x0 ~ N(mu, s^2). E[x0 | x_t] = mu + c (x_t - sqrt(a) mu) with
     c = sqrt(a) s^2 / (a s^2 + 1 - a), so eps = (x_t - sqrt(a) x0) / sqrt(1 - a) = A x_t - sqrt(a) A mu
     with A = (1 - sqrt(a) c) / sqrt(1 - a): per-pixel coefficients, computed in double once per noise
-    level (no cancellation near a = 1), then one multiply-add per pixel."""
+    level (no cancellation near a = 1), then one multiply-add per pixel (broadcast when the batch
+    shares one level, as in sampling: indexing would copy the coefficients once per image)."""
 
     def __init__(self, mu, s):
         super().__init__()
@@ -61,7 +62,10 @@ class GaussianDenoiser(torch.nn.Module):
         a = levels.view(-1, 1, 1, 1)
         c = a.sqrt() * self.var / (a * self.var + 1 - a)
         A = (1 - a.sqrt() * c) / (1 - a).sqrt()
-        return torch.addcmul((-a.sqrt() * A * self.mu).float()[level_of_image], A.float()[level_of_image], x_t)
+        offset, A = (-a.sqrt() * A * self.mu).float(), A.float()
+        if len(levels) > 1:
+            offset, A = offset[level_of_image], A[level_of_image]
+        return torch.addcmul(offset, A, x_t)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])

@@ -1,6 +1,7 @@
 """speed.py: the precision and layout probe, its ledger, compile_plan, and chunk-free sampling."""
 import dataclasses
 import json
+import shutil
 import time
 
 import pytest
@@ -85,59 +86,73 @@ def test_the_plan_is_what_the_model_runs_in():
         assert seen == [dtype]
 
 
+def auto_plans(images, run_dir, steps, *extra):
+    """train.py --precision auto --layout auto for `steps` steps; (the plan records of its log, stdout)."""
+    result = run_script("train.py", *tiny_train_args(images, images, str(run_dir), "--max_steps", steps,
+                                                     "--precision", "auto", "--layout", "auto", *extra))
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in open(run_dir / "log.jsonl") if '"plan"' in line], result.stdout
+
+
+@pytest.fixture(scope="module")
+def first_auto_run(tmp_path_factory):
+    """A first auto run of 1 step on 32 images with an empty compile cache, so an empty ledger: it
+    times the candidates and records them. Shared by the two tests below (each such run takes about
+    8 s), which work on copies of its folders: (images, run folder, cache folder, plans, stdout)."""
+    root = tmp_path_factory.mktemp("auto_plan")
+    images = make_avatar_folder(root / "data", 32)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "cache"))
+        plans, out = auto_plans(images, root / "run", 1)
+    return images, root / "run", root / "cache", plans, out
+
+
+def copy_of_the_ledger(first_auto_run, tmp_path, monkeypatch):
+    """The first run's cache folder copied for this test, which its scripts use: (ledger path, key)."""
+    shutil.copytree(first_auto_run[2], tmp_path / "cache")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    ledger_path = tmp_path / "cache" / "simple_ddpm_speed.json"
+    (key,) = [k for k, v in json.loads(ledger_path.read_text()).items() if "timings" in v]
+    return ledger_path, key
+
+
 @pytest.mark.slow
-def test_train_logs_the_plan_it_read_from_the_ledger(tmp_path, monkeypatch):
+def test_train_logs_the_plan_it_read_from_the_ledger(first_auto_run, tmp_path, monkeypatch):
     """A first run measures and records its timings; a second run of the same network reads them
     from the ledger (here edited so that fp32 with channels_last is the fastest) and says so."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
-    images = make_avatar_folder(tmp_path / "data", 32)
-
-    def plan_of(run):
-        result = run_script("train.py", *tiny_train_args(images, images, str(tmp_path / run), "--max_steps", 1,
-                                                         "--precision", "auto", "--layout", "auto"))
-        assert result.returncode == 0, result.stderr
-        plans = [json.loads(line) for line in open(tmp_path / run / "log.jsonl") if '"plan"' in line]
-        assert len(plans) == 1
-        return plans[0], result.stdout
-
-    plan, out = plan_of("first")
+    images, _, _, plans, out = first_auto_run
+    assert len(plans) == 1
+    plan = plans[0]
     assert {"fp32/contiguous", "fp32/channels_last"} <= set(plan["timings_ms_per_image"])
     assert f"precision and layout: {plan['precision']}, {plan['layout']}" in out
-    ledger_path = tmp_path / "cache" / "simple_ddpm_speed.json"
+    ledger_path, key = copy_of_the_ledger(first_auto_run, tmp_path, monkeypatch)
     ledger = json.loads(ledger_path.read_text())
-    (key,) = [k for k, v in ledger.items() if "timings" in v]
     ledger[key]["timings"] = {name: (0.001 if name == "fp32/channels_last" else 0.5) for name in ledger[key]["timings"]}
     ledger_path.write_text(json.dumps(ledger))
-    plan, out = plan_of("second")
+    plans, out = auto_plans(images, tmp_path / "second", 1)
+    assert len(plans) == 1
+    plan = plans[0]
     assert (plan["precision"], plan["layout"]) == ("fp32", "channels_last")
     assert plan["timings_ms_per_image"]["fp32/channels_last"] == 1.0
     assert "precision and layout: fp32, channels_last" in out
 
 
 @pytest.mark.slow
-def test_a_resumed_run_keeps_the_plan_it_started_with(tmp_path, monkeypatch):
+def test_a_resumed_run_keeps_the_plan_it_started_with(first_auto_run, tmp_path, monkeypatch):
     """The ledger now says another plan is fastest: the resumed run keeps its own (exact resume),
     a fresh one takes the new."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
-    images = make_avatar_folder(tmp_path / "data", 32)
-
-    def plans(steps, *extra):
-        result = run_script("train.py", *tiny_train_args(images, images, str(tmp_path / "run"), "--max_steps", steps,
-                                                         "--precision", "auto", "--layout", "auto", *extra))
-        assert result.returncode == 0, result.stderr
-        return [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl") if '"plan"' in line]
-
-    [first] = plans(1)
-    ledger_path = tmp_path / "cache" / "simple_ddpm_speed.json"
+    images, first_run, _, [first], _ = first_auto_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(first_run, run_dir)
+    ledger_path, key = copy_of_the_ledger(first_auto_run, tmp_path, monkeypatch)
     ledger = json.loads(ledger_path.read_text())
-    (key,) = [k for k, v in ledger.items() if "timings" in v]
     other = next(name for name in ledger[key]["timings"] if name != f"{first['precision']}/{first['layout']}")
     ledger[key]["timings"] = {name: (0.001 if name == other else 0.5) for name in ledger[key]["timings"]}
     ledger_path.write_text(json.dumps(ledger))
-    resumed = plans(2)[-1]
+    resumed = auto_plans(images, run_dir, 2)[0][-1]
     assert (resumed["precision"], resumed["layout"]) == (first["precision"], first["layout"])
     assert resumed["why"].startswith("resumed")
-    fresh = plans(1, "--fresh")[-1]
+    fresh = auto_plans(images, run_dir, 1, "--fresh")[0][-1]
     assert f"{fresh['precision']}/{fresh['layout']}" == other
 
 
