@@ -33,10 +33,10 @@ def log_records(run_dir, kind):
 def test_loss_falls_on_a_16_image_set(tmp_path):
     images = make_avatar_folder(tmp_path / "sixteen", 16)
     run = tmp_path / "run"
-    train((images, images), run, "--max_steps", 100, "--log_every", 10, "--num_epochs", 1000, "--validate_every", 50)
+    train((images, images), run, "--max_steps", 60, "--log_every", 10, "--num_epochs", 1000, "--validate_every", 30)
     losses = [r["train_loss"] for r in log_records(run, "train")]
-    assert [r["step"] for r in log_records(run, "train")] == list(range(10, 101, 10))
-    # Measured here: about 3.0 over the first 10 steps and 0.2 over the last 10.
+    assert [r["step"] for r in log_records(run, "train")] == list(range(10, 61, 10))
+    # Measured here: about 3.0 over the first 10 steps and 0.2 over the last 10 of 100; 60 steps (as here) pass too.
     assert losses[-1] < losses[0] / 5, losses
     vals = [r["val_loss"] for r in log_records(run, "validation")]
     assert len(vals) == 2 and vals[1] < vals[0]
