@@ -7,9 +7,11 @@ the rows.
     bash ablate.sh --deadline_minutes 12              # start no run that cannot end in 12 minutes
     bash ablate.sh --gpus 0,1,2,3                     # one worker per GPU
     bash ablate.sh --shard 3/8                        # the third eighth of the runs (a SLURM array task)
-    bash ablate.sh --scale cpu                        # the toy-scale study: preset tiny, on 2 CPU cores
+    bash ablate.sh --scale cpu                        # the CPU study: preset small, on 2 CPU cores
+    bash ablate.sh --scale toy                        # the toy-scale study (preset tiny), for the tests
     python ablate.py report [--scale cpu]             # REPORT.md, its plots and grid mosaics, from the rows
     python ablate.py curve --points_kimg 125,250,500,1000   # the budget curve: one baseline run, 4 points
+    python ablate.py curve --scale cpu --widths 16-32-32-32,32-64-64-64   # one curve per width
 
 Each rule has its file in ablations/: the plan (plan.py: the study file loaded and checked, which
 runs to do), the workers (runner.py: train.py then evaluate.py per run), the rows and their
@@ -42,12 +44,12 @@ def main(argv=None):
         print(f"wrote {write_report(study, args.out or study.scale.folder, setup)}")
         return 0
     runner = Runner(study, args)
-    return run_curve(runner, args.points_kimg, args.seed, args.fresh) if command == "curve" else runner.run()
+    return run_curve(runner, args.points_kimg, args.seed, args.fresh, args.widths) if command == "curve" else runner.run()
 
 
 def parse_args(command, argv):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--scale", default="gpu", help="gpu (the study) or cpu (the toy scale); see SCALES in the study")
+    p.add_argument("--scale", default="gpu", help="gpu, cpu (the study on a GPU or on 2 CPU cores) or toy; see SCALES in the study")
     p.add_argument("--study", default=STUDY, help="the study's file")
     p.add_argument("--out", help="the folder of results.jsonl, REPORT.md, grids and plots (default: the scale's)")
     p.add_argument("--budget_kimg", type=positive_float, help="thousands of images seen per run (default: the scale's)")
@@ -69,6 +71,9 @@ def parse_args(command, argv):
     if command == "curve":
         p.add_argument("--points_kimg", type=comma_list(positive_float),
                        help="where to evaluate, in thousands of images seen (default: 1/4, 1/2, 1 and 2 budgets)")
+        p.add_argument("--widths", type=comma_list(width),
+                       help="channel tuples, comma-separated, e.g. 16-32-64-64,32-64-64-64: one curve each "
+                            "(default: the scale's curve_widths, else the baseline's)")
         p.add_argument("--seed", type=random_seed, default=0)
         p.add_argument("--fresh", action="store_true", help="start the curve's run over")
         return p.parse_args(argv)
@@ -92,6 +97,13 @@ def comma_list(kind):
             raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
         return items
     return parse
+
+
+def width(text):
+    parts = text.split("-")
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a width: channels joined by -, e.g. 16-32-64-64")
+    return tuple(map(int, parts))
 
 
 def shard(text):

@@ -4,7 +4,7 @@
 #   bash ablate.sh                                   # the study on this machine's GPU; reruns skip finished runs
 #   bash ablate.sh --group baseline --seeds 0,1,2    # one chunk
 #   bash ablate.sh --gpus 0,1,2,3                    # one worker per GPU
-#   bash ablate.sh --scale cpu                       # the toy-scale study, on a CPU
+#   bash ablate.sh --scale cpu                       # the CPU study (preset small); --scale toy: the toy one
 #   bash ablate.sh curve                             # the budget curve
 set -euo pipefail
 cd "$(dirname "$0")"

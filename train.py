@@ -29,7 +29,7 @@ import checkpoint
 from checkpoint import TrainingState
 from cli import (ArgumentParser, UserError, atomic_write, compile_cache_dir, make_folder, non_negative_float,
                  non_negative_int, pick_device, port, positive_float, positive_int, random_seed, run_main)
-from config import PRESETS, config_text, config_to_dict, make_config
+from config import CPU_PRESET, PRESETS, config_text, config_to_dict, make_config
 from dataset import augment, load_image_folder, normalise, to_uint8
 from diffusion import sample, sample_alpha_bar, training_loss, validation_loss
 from plot_log import draw_loss_curve, read_log
@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--save_every", type=positive_int, default=50,
                    help="epochs between numbered checkpoints <epoch>.pth (latest_model.pth is written then too)")
     # ours
-    p.add_argument("--preset", default="default", help=f"a whole configuration: {', '.join(PRESETS)}")
+    p.add_argument("--preset", help=f"a whole configuration: {', '.join(PRESETS)} (default: default on CUDA, "
+                                    f"{CPU_PRESET} without it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one configuration field (repeatable), e.g. --set norm=group")
     p.add_argument("--max_steps", type=non_negative_int, default=0, help="stop after this many optimiser steps (0: no limit)")
@@ -173,6 +174,11 @@ def configure(args, argv, latest_path, procs):
     """(configuration, checkpoint to resume from or None). A run folder that holds a checkpoint
     continues with the checkpoint's configuration and preset name; asking for a different
     configuration is refused."""
+    if args.preset is None:
+        args.preset = "default" if procs.device.type == "cuda" else CPU_PRESET
+        if args.preset != "default" and (args.fresh or not os.path.exists(latest_path)):
+            procs.say(f"train.py: no CUDA GPU, so preset {CPU_PRESET} (the default's recipe at the width the CPU "
+                      f"study chose, ablations/cpu/REPORT.md); --preset default trains the 18.6M-parameter default")
     overrides = list(args.set)
     if args.learning_rate is not None:
         overrides.append(f"learning_rate={args.learning_rate}")

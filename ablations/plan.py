@@ -65,7 +65,8 @@ def load_study(path, scale_name):
     unknown = [n for n in scale.variants if n not in by_name]
     if unknown:
         raise UserError(f"{path}: scale {scale_name} names unknown variants: {', '.join(unknown)}")
-    chosen = [v for v in everything if not scale.variants or v.name in scale.variants]
+    chosen = [v for v in everything if v.name in scale.variants or v.group in scale.groups
+              or not (scale.variants or scale.groups)]
     study = Study(path, scale, chosen, module.GROUPS)
     names = {v.name for v in chosen}
     baselines = [v for v in chosen if v.group == "baseline"]

@@ -8,7 +8,7 @@ import math
 import os
 
 from ablations import stats
-from ablations.curve import current_points, suggest_budget
+from ablations.curve import LIMIT_FALLBACK, MACHINE_CORES, current_points, run_minutes, suggest_budget, width_label
 from ablations.rows import REPO, Rows, read_rows
 from cli import atomic_write
 
@@ -42,7 +42,7 @@ def write_report(study, folder, setup):
 
     tables = {group: table(study, rows, group) for group in study.groups if group != "evaluation_noise"}
     lines = header(study, rows, setup, tables, command)
-    lines += curve_section(curve, folder, command)
+    lines += curve_section(study, curve, folder, command)
     written = ["curve.png"] if curve else []
     lines += ["## Results", "",
               f"Each variant is compared with the run it is paired with (the baseline; for a re-evaluation the run "
@@ -54,8 +54,8 @@ def write_report(study, folder, setup):
               f"the change could not be told from run-to-run noise at this scale and seed count. Secondary metrics "
               f"are marked * where significant; a share that sits at 0 or 1 on every seed of the reference is marked "
               f"saturated. img/s is the training speed of runs that shared the machine (two at a time on a CPU), "
-              f"not a benchmark. Grids: the first 32 samples of each evaluation, from the same starting noise for "
-              f"every variant.", ""]
+              f"not a benchmark. Grids: the first {grid_count(scale.grid_size)} samples of each evaluation, from the "
+              f"same starting noise for every variant.", ""]
     if not rows.current:
         lines += ["No run has a row yet.", ""]
     for group, (variants, compared) in tables.items():
@@ -364,8 +364,13 @@ def loss_curves(group, study, rows, variants, plots):
     return save_figure(fig, os.path.join(plots, f"losses_{group}.png"))
 
 
+def grid_count(grid_size):
+    columns, _, rows = grid_size.partition("x")
+    return int(columns) * int(rows)
+
+
 def grid_mosaic(captioned_rows, columns=4):
-    """The runs' committed 8x4 grids side by side, each under its caption: a Markdown table, so
+    """The runs' committed grids (the scale's grid_size) side by side, each under its caption: a Markdown table, so
     that the mosaic adds no image of its own to the repository."""
     cells = [f"{caption}<br>![{r['variant']}]({r['grid']})" for caption, r in captioned_rows]
     if not cells:
@@ -378,40 +383,91 @@ def grid_mosaic(captioned_rows, columns=4):
 
 # ---- the budget curve ----------------------------------------------------------------------------
 
-def curve_section(curve, folder, command):
+def curve_section(study, curve, folder, command):
     lines = ["## The budget curve", ""]
     if not curve:
-        return lines + [f"Not measured yet: `{command('curve')}` trains the baseline once and "
-                        f"evaluates it at 4 points (1/4, 1/2, 1 and 2 budgets by default).", ""]
-    points = sorted({r["budget_kimg"]: r for r in curve}.values(), key=lambda r: r["budget_kimg"])
+        return lines + [f"Not measured yet: `{command('curve')}` trains the baseline once per width and "
+                        f"evaluates it at each point.", ""]
+    scale, limit = study.scale, study.scale.run_minutes_limit
+    widths = {}  # width label -> {point: row}, the latest row of each point
+    for r in curve:
+        widths.setdefault(width_label(r["config"]["channels"]), {})[r["budget_kimg"]] = r
+    widths = {w: [p[k] for k in sorted(p)] for w, p in widths.items()}
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    kimg = [r["budget_kimg"] for r in points]
-    ax.plot(kimg, [r["metrics"][PRIMARY]["samples"] for r in points], marker="o", label="baseline")
-    ax.plot(kimg, [r["metrics"][PRIMARY]["floor"] for r in points], linestyle="--", color="tab:green", label="floor")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for w, points in widths.items():
+        ax.plot([run_minutes(r) for r in points], [r["metrics"][PRIMARY]["samples"] for r in points], marker="o",
+                label=f"width {w}")
+        for r in points:
+            ax.annotate(f"{r['budget_kimg']:g}k", (run_minutes(r), r["metrics"][PRIMARY]["samples"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    floor = curve[0]["metrics"][PRIMARY]["floor"]
+    ax.axhline(floor, linestyle="--", color="tab:green", label="floor")
+    if limit:
+        ax.axvline(limit, color="black", linewidth=1, label=f"run limit ({limit:g} min)")
+        ax.axvline(LIMIT_FALLBACK * limit, color="grey", linewidth=1, linestyle=":",
+                   label=f"allowed if needed ({LIMIT_FALLBACK * limit:g} min)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("thousands of images seen")
+    ax.set_xlabel(f"minutes of the {MACHINE_CORES}-core machine for one run (training, start-up, evaluation)")
     ax.set_ylabel(f"{PRIMARY} (lower is better)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     plot = save_figure(fig, os.path.join(folder, "plots", "curve.png"))
-    lines += [f"One baseline run (seed {points[0]['seed']}), evaluated as it reached each point. Its learning rate "
-              f"is constant (`lr_schedule=constant`), so that the segments are one run; the study's runs use "
-              f"the baseline's own schedule. A point's change is against the point before it.", "",
-              "| thousand images | steps | " + PRIMARY + " | floor | change | SWD x1e3 | val loss (EMA) | train s | wall s |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    previous = None
-    for r in points:
-        value = r["metrics"][PRIMARY]["samples"]
-        change = f"{(value / previous - 1) * 100:+.0f}%" if previous and value is not None else "-"
-        lines.append(f"| {r['budget_kimg']:g} | {r['steps']} | {fmt(value, '.4g')} | "
-                     f"{fmt(r['metrics'][PRIMARY]['floor'], '.4g')} | {change} | "
-                     f"{fmt(r['metrics']['swd_x1e3_avg']['samples'], '.1f')} | {fmt(r.get('val_loss_ema'), '.4f')} | "
-                     f"{fmt(r.get('train_seconds'), '.0f')} | {r['wall_seconds']:.0f} |")
-        previous = value
-    lines += ["", suggest_budget([r["metrics"][PRIMARY]["samples"] for r in points], kimg, PRIMARY)]
-    return lines + ["", f"![curve](plots/{os.path.basename(plot)})", "",
-                    *grid_mosaic([(f"{r['budget_kimg']:g} kimg: {fmt(r['metrics'][PRIMARY]['samples'], '.4g')}", r)
-                                  for r in points]), ""]
+    first = curve[0]
+    lines += [f"For each width, one baseline run (seed {first['seed']}, learning rate "
+              f"{first['config']['learning_rate']:g}, batch {first['config']['batch_size']}), evaluated as it reached "
+              f"each point. Its learning rate is constant (`lr_schedule=constant`), so that the segments are one run. "
+              f"The widths ran at the same time, {first.get('threads') or '?'} thread(s) each, as the study's runs do. "
+              f"A point's run minutes are what one run to that point costs: its training up to the point, one start-up "
+              f"and one evaluation, in CPU time over the machine's {MACHINE_CORES} cores. A point's change is against "
+              f"the point before it.", ""]
+    for w, points in widths.items():
+        lines += [f"**Width {w}** ({parameters(points[0]['config']) / 1e6:.2f}M parameters):", "",
+                  "| thousand images | steps | " + PRIMARY + " | x floor | change | SWD x1e3 | val loss (EMA) | "
+                  "img/s | run minutes |", "|---|---|---|---|---|---|---|---|---|"]
+        previous = None
+        for r in points:
+            value = r["metrics"][PRIMARY]["samples"]
+            change = f"{(value / previous - 1) * 100:+.0f}%" if previous and value is not None else "-"
+            lines.append(f"| {r['budget_kimg']:g} | {r['steps']} | {fmt(value, '.4g')} | "
+                         f"{fmt(value / r['metrics'][PRIMARY]['floor'], '.1f')} | {change} | "
+                         f"{fmt(r['metrics']['swd_x1e3_avg']['samples'], '.1f')} | {fmt(r.get('val_loss_ema'), '.4f')} | "
+                         f"{fmt(r.get('img_per_s'), '.0f')} | {fmt(run_minutes(r), '.1f')} |")
+            previous = value
+        lines += ["", suggest_budget([r["metrics"][PRIMARY]["samples"] for r in points],
+                                     [r["budget_kimg"] for r in points], PRIMARY), ""]
+    lines += [f"![curve](plots/{os.path.basename(plot)})", "", *choice_lines(study, widths), ""]
+    best = [min(points, key=lambda r: r["metrics"][PRIMARY]["samples"]) for points in widths.values()]
+    return lines + [*grid_mosaic([(f"width {width_label(r['config']['channels'])}, {r['budget_kimg']:g} kimg: "
+                                   f"{fmt(r['metrics'][PRIMARY]['samples'], '.4g')}", r) for r in best], columns=3), ""]
+
+
+def parameters(config):
+    """The network's parameter count, built on the meta device (no memory, no time)."""
+    import torch
+    from config import config_from_dict
+    from unet import UNet
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet(config_from_dict(config)).parameters())
+
+
+def choice_lines(study, widths):
+    """What the curve supports: the point with the lowest primary metric among those whose run
+    fits the scale's limit (else its fallback), against what the scale runs."""
+    limit, scale = study.scale.run_minutes_limit, study.scale
+    base = study.config(study.variant("baseline"))
+    runs = f"The scale runs width {width_label(base.channels)} at {scale.budget_kimg:g} kimg."
+    if not limit:
+        return [runs]
+    for bound, words in ((limit, f"at most {limit:g} minutes"),
+                         (LIMIT_FALLBACK * limit, f"at most {LIMIT_FALLBACK * limit:g} minutes (none fits {limit:g})")):
+        fits = [r for points in widths.values() for r in points if run_minutes(r) <= bound]
+        if fits:
+            best = min(fits, key=lambda r: r["metrics"][PRIMARY]["samples"])
+            return [f"**The choice.** Of the points whose run takes {words}, the lowest {PRIMARY} is width "
+                    f"{width_label(best['config']['channels'])} at {best['budget_kimg']:g} kimg: "
+                    f"{best['metrics'][PRIMARY]['samples']:.4g}, {best['metrics'][PRIMARY]['samples'] / best['metrics'][PRIMARY]['floor']:.1f}x "
+                    f"its floor, a run of {run_minutes(best):.1f} minutes. " + runs]
+    return [f"No point's run fits {LIMIT_FALLBACK * limit:g} minutes. " + runs]

@@ -5,7 +5,7 @@ contract: train.py (--preset, --set, --max_kimg = the budget, --seed; it measure
 validation loss on the final weights when the budget stops it, and writes no best-validation copy),
 then evaluate.py (the variant's own sampler, the scale's number of samples, the scale's evaluation
 seed, the real images' statistics from a cache shared by every row, and the grid from the first 32
-of its samples). A re-evaluation runs evaluate.py only, on its trained run's checkpoint.
+of its samples, --grid_size of the scale). A re-evaluation runs evaluate.py only, on its trained run's checkpoint.
 
 Only a failure of train.py or evaluate.py becomes a row with status "failed" and the step's last
 error line. A bug of the runner itself stops the study with its traceback, and Ctrl-C or SIGTERM
@@ -243,6 +243,9 @@ class Runner:
         row["wall_seconds"] = round(row["finished"] - started, 1)
         # A GPU that runs several runs at once gives each its share of the time.
         row["gpu_seconds"] = None if slot[1] == "cpu" else round(row["wall_seconds"] / self.runs_per_gpu, 1)
+        # On a CPU each run has its own threads: its CPU time is its wall time times them.
+        row["threads"] = slot[2]
+        row["cpu_seconds"] = round(row["wall_seconds"] * slot[2], 1) if slot[1] == "cpu" and slot[2] else None
         row["config"] = config_to_dict(config)
         return row
 
@@ -296,7 +299,7 @@ class Runner:
             self.setup.num_samples, "--output_json", report_path, "--reference_dir", self.args.train_dataset_directory,
             "--test_dir", self.args.validate_dataset_directory, "--no_download", "--seed", eval_seed,
             "--subset_seed", self.setup.evaluation_seed, "--cache_dir", os.path.join(self.checkpoints, "evaluation_cache"),
-            "--grid", grid_path, "--overwrite",  # evaluate.py's 8x4: the first 32 samples
+            "--grid", grid_path, "--grid_size", self.scale.grid_size, "--overwrite",  # the first samples
             "--device", slot[1], "--precision", self.setup.precision, "--layout", "contiguous", *sampler], run_dir, slot)
         with open(report_path) as f:
             report = json.load(f)

@@ -25,9 +25,9 @@ presets (at the CPU scale `default` means `tiny`) and the variants that run, in 
 import math
 from dataclasses import dataclass
 
-from config import CHOICES, make_config
+from config import CHOICES, CPU_PRESET, make_config
 
-GROUPS = ("baseline", "path", "one_at_a_time", "sampling", "peer", "evaluation_noise")
+GROUPS = ("baseline", "tuning", "path", "one_at_a_time", "sampling", "peer", "evaluation_noise")
 SAMPLER_FIELDS = ("sampler", "sampling_steps", "eta", "clamp_x0")  # what a re-evaluation may change
 BASELINE_SEEDS = (0, 1, 2, 3, 4)  # 5: the baseline's spread, and the pairs of every variant
 VARIANT_SEEDS = (0, 1)            # at least 2, so that every variant has a paired difference to pool
@@ -55,12 +55,20 @@ class Scale:
     folder: str                   # results.jsonl, REPORT.md, grids/ and plots/
     checkpoints: str              # each run's folder (git-ignored)
     presets: tuple = ()           # (study preset, preset run at this scale) pairs
-    variants: tuple = ()          # the names that run at this scale; () = all
+    variants: tuple = ()          # the names that run at this scale, besides its groups'
+    groups: tuple = ()            # the groups that run at this scale; with variants (), () = all
     run_minutes_guess: float = 3  # one run, evaluation included, until a finished row says better
     budget_note: str = ""         # how the budget was chosen
     toy: bool = False             # the report says, at its top, that this is not the real study
     evaluation_seed: int = 0      # every evaluation's starting noise, test subset and reference subset
     precision: str = "fp32"       # one precision for every run of the scale, training and sampling
+    run_minutes_limit: float = 0  # most minutes of the whole machine one run may take (0: no limit)
+    curve_widths: tuple = ()      # channel tuples the budget curve trains (): the baseline's only
+    curve_points_kimg: tuple = () # where the curve evaluates (): 1/4, 1/2, 1 and 2 budgets
+    path_fixed: tuple = ()        # fields the path takes from the baseline from its first row
+    tuning_learning_rates: tuple = ()  # the sweep (tuning_variants)
+    tuning_batch_sizes: tuple = ()
+    grid_size: str = "8x4"        # each run's grid of its first samples, COLSxROWS
 
 
 SCALES = {
@@ -70,7 +78,16 @@ SCALES = {
         budget_note="provisional: 500 kimg is about 1.5 minutes of training at the 3-minute run's 5,230 img/s "
                     "(H100); `bash ablate.sh curve` measures the curve that should choose it"),
     "cpu": Scale(
-        "cpu", budget_kimg=4, num_samples=256, folder="ablations/cpu", checkpoints="checkpoints/ablations/cpu",
+        "cpu", budget_kimg=100, num_samples=2000, folder="ablations/cpu", checkpoints="checkpoints/ablations/cpu",
+        presets=(("default", CPU_PRESET),), precision="bf16", run_minutes_limit=10, run_minutes_guess=20,
+        curve_widths=((16, 32, 32, 32), (16, 32, 64, 64), (32, 64, 64, 64)),
+        curve_points_kimg=(12.5, 25, 50, 75, 100, 150),
+        path_fixed=("channels", "batch_size", *SAMPLER_FIELDS),
+        tuning_learning_rates=(5e-4, 1e-3, 2e-3, 4e-3), tuning_batch_sizes=(32, 64, 128), grid_size="16x8",
+        groups=("baseline", "tuning", "path", "evaluation_noise"),
+        budget_note="provisional, until the curve below chooses it"),
+    "toy": Scale(
+        "toy", budget_kimg=4, num_samples=256, folder="ablations/toy", checkpoints="checkpoints/ablations/toy",
         presets=(("default", "tiny"),), run_minutes_guess=3,
         variants=("baseline", "noise_cond_none", "norm_batch", "target_x0", "zero_init_on", "lr_schedule_cosine",
                   "baseline_dpm_10", "baseline_clamp_on",
@@ -92,34 +109,56 @@ def setting(key, value):
     return f"{key}={text}"
 
 
-# ---- path: the seed, then the default's fields a few at a time ----------------------------------
+# ---- path: the seed, then the baseline's fields a few at a time ---------------------------------
 
-PATH = [  # (name, the default's fields it adds)
-    ("path_A_seed", ()),
-    ("path_B_optimiser", ("optimizer", "learning_rate", "weight_decay", "warmup_steps", "grad_clip")),
-    ("path_C_noise_cond", ("noise_cond",)),
-    ("path_D_ema", ("ema_decay",)),
-    ("path_E_groupnorm", ("norm",)),
-    ("path_F_linear_beta_t", ("noise_sampling",)),
-    ("path_G_zero_init_lr_schedule", ("zero_init", "lr_schedule")),
-    ("path_H_flips_attention", ("hflip", "attention")),
-    ("path_I_channels", ("channels",)),  # now the default's training configuration
+PATH = [  # (label, the baseline's fields it adds); letters follow the rows that change something
+    ("seed", ()),
+    ("learning_rate", ("learning_rate",)),  # Adam at the seed's 1e-5, then at the rate tuned for the width
+    ("optimiser", ("optimizer", "weight_decay", "warmup_steps", "grad_clip")),
+    ("noise_cond", ("noise_cond",)),
+    ("ema", ("ema_decay",)),
+    ("groupnorm", ("norm",)),
+    ("linear_beta_t", ("noise_sampling",)),
+    ("zero_init_lr_schedule", ("zero_init", "lr_schedule")),
+    ("flips_attention", ("hflip", "attention")),
+    ("channels", ("channels",)),  # now the baseline's training configuration
 ]
 
 
-def path_variants():
-    default, seed = make_config("default"), make_config("seed")
-    rows, overrides = [], ()
-    for name, fields in PATH:
-        added = tuple(setting(k, getattr(default, k)) for k in fields if getattr(default, k) != getattr(seed, k))
+def path_variants(scale, b):
+    """The path from the seed's configuration to the scale's baseline b. The fields of
+    scale.path_fixed take b's value from the first row (at the cpu scale the width, the batch and
+    the sampler: the seed's 138M parameters and 1000 sampling steps do not fit a run's minutes)."""
+    seed = make_config("seed")
+    differs = lambda fields: tuple(setting(k, getattr(b, k)) for k in fields if getattr(b, k) != getattr(seed, k))
+    fixed = differs(scale.path_fixed)
+    rows, overrides = [], fixed
+    for label, fields in PATH:
+        added = differs(f for f in fields if f not in scale.path_fixed)
         if fields and not added:
-            continue  # the default keeps the seed's value: nothing to add
+            continue  # the baseline keeps the seed's value, or the scale fixed it from the start
         overrides += added
-        rows.append(Variant(name, "path", preset="seed", overrides=overrides, note=", ".join(added) or "the seed"))
-    sampler = tuple(setting(k, getattr(default, k)) for k in SAMPLER_FIELDS if getattr(default, k) != getattr(seed, k))
-    rows.append(Variant("path_J_sampler", "path", preset="seed", overrides=sampler, of=rows[-1].name,
-                        note="the default's sampler on the run above"))
+        note = ", ".join(added) or ("the seed" + (f" with {', '.join(fixed)}" if fixed else ""))
+        rows.append(Variant(f"path_{chr(ord('A') + len(rows))}_{label}", "path", preset="seed", overrides=overrides,
+                            note=note))
+    sampler = differs(f for f in SAMPLER_FIELDS if f not in scale.path_fixed)
+    if sampler:
+        rows.append(Variant(f"path_{chr(ord('A') + len(rows))}_sampler", "path", preset="seed", overrides=sampler,
+                            of=rows[-1].name, note="the baseline's sampler on the run above"))
     return rows
+
+
+# ---- tuning: the learning rate and batch at the scale's width -----------------------------------
+
+def tuning_variants(scale, b):
+    """The sweep that chose the baseline's learning rate and batch: each rate at the baseline's
+    batch, each batch at the baseline's rate, on seed 0. The values are absolute, so that a row
+    keeps its meaning when the baseline moves; the one that is the baseline is its row."""
+    grid = [(lr, b.batch_size) for lr in scale.tuning_learning_rates] + \
+           [(b.learning_rate, n) for n in scale.tuning_batch_sizes]
+    return [Variant(f"tune_lr_{lr:g}_batch_{n}", "tuning", seeds=(0,),
+                    overrides=(setting("learning_rate", lr), setting("batch_size", n)))
+            for lr, n in grid if (lr, n) != (b.learning_rate, b.batch_size)]
 
 
 # ---- one at a time: the scale's baseline with one field changed ----------------------------------
@@ -187,7 +226,8 @@ def variants(scale):
     b = make_config(dict(scale.presets).get("default", "default"))
     return [
         Variant("baseline", "baseline", seeds=BASELINE_SEEDS),
-        *path_variants(),
+        *path_variants(scale, b),
+        *tuning_variants(scale, b),
         *one_at_a_time_variants(b),
         *sampling_variants(b),
         Variant("peer_diffusers_unet2d", "peer",
