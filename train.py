@@ -175,7 +175,7 @@ def configure(args, argv, latest_path, procs):
     continues with the checkpoint's configuration and preset name; asking for a different
     configuration is refused."""
     if args.preset is None:
-        args.preset = "default" if procs.device.type == "cuda" else CPU_PRESET
+        args.preset = "default" if torch.device(procs.device).type == "cuda" else CPU_PRESET
         if args.preset != "default" and (args.fresh or not os.path.exists(latest_path)):
             procs.say(f"train.py: no CUDA GPU, so preset {CPU_PRESET} (the default's recipe at the width the CPU "
                       f"study chose, ablations/cpu/REPORT.md); --preset default trains the 18.6M-parameter default")
@@ -730,7 +730,8 @@ def warn_cpu_speed(seconds_per_step, plan, config, steps_per_epoch):
         duration = f"{seconds / 3600:.1f} hours" if seconds > 5400 else f"{seconds / 60:.0f} minutes"
         print(f"warning: training on the CPU: about {duration} per epoch ({steps_per_epoch} steps of "
               f"{config.batch_size}, {plan.precision}, {plan.layout}); a CUDA GPU is 100x faster "
-              f"(--preset tiny trains in seconds)", file=sys.stderr)
+              f"(preset {CPU_PRESET}, train.py's choice without CUDA, shows avatars within its first epochs)",
+              file=sys.stderr)
 
 
 def append_log(path, record):

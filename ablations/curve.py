@@ -20,6 +20,7 @@ from cli import UserError
 
 CURVE_FLAT = 0.25     # the steep phase ends where the next point improves the metric by less
 MACHINE_CORES = 2     # run minutes are minutes of the study's 2-core machine: CPU seconds / 2 / 60
+INTERRUPTED = "interrupted: the points under way leave no row; a rerun continues the curve"
 LIMIT_FALLBACK = 1.5  # the curve goes on to 1.5x the scale's run limit (the 15 minutes the issue allows)
 
 
@@ -49,7 +50,7 @@ def run_curve(runner, points_kimg=None, seed=0, fresh=False, widths=None):
             codes = [f.result() for f in futures]  # a bug: its traceback
             code = max(codes)
         except KeyboardInterrupt:
-            runner.interrupt("interrupted: the points under way leave no row; a rerun continues the curve", wait=True)
+            runner.interrupt(INTERRUPTED, wait=True)
             code = 130
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
@@ -68,7 +69,8 @@ def curve_of(runner, width, points, seed, path, free):
         slot = free.pop()
     try:
         return curve_points_of(runner, width, points, seed, path, slot)
-    except Interrupted:
+    except Interrupted:  # a step stopped by a signal: the other widths stop too
+        runner.interrupt(INTERRUPTED, wait=True)
         return 130
     finally:
         with runner.lock:

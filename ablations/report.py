@@ -41,7 +41,7 @@ def write_report(study, folder, setup):
         return " ".join([script, *sub, *flags, *words[len(sub):]])
 
     tables = {group: table(study, rows, group) for group in study.groups if group != "evaluation_noise"}
-    lines = header(study, rows, setup, tables, command)
+    lines = header(study, rows, setup, tables, command, curve)
     lines += curve_section(study, curve, folder, command)
     written = ["curve.png"] if curve else []
     lines += ["## Results", "",
@@ -126,10 +126,12 @@ def fmt(value, spec=".3g"):
 
 # ---- the header ----------------------------------------------------------------------------------
 
-def header(study, rows, setup, tables, command):
+def header(study, rows, setup, tables, command, curve=()):
     scale = study.scale
     done = [r for r in rows.current.values() if r["status"] == "ok"]
-    title = "Ablation study" + (f": toy scale ({scale.name})" if scale.toy else "")
+    measured = done + list(curve)  # every finished run this report counts, the curve's points included
+    title = "Ablation study" + (f": toy scale ({scale.name})" if scale.toy else
+                                f" at the {scale.name} scale" if scale.name != "gpu" else "")
     lines = [f"# {title}", ""]
     if scale.toy:
         presets = ", ".join(f"`{a}` runs as `{b}`" for a, b in scale.presets)
@@ -150,10 +152,10 @@ def header(study, rows, setup, tables, command):
     trained = [r for r in done if not r["of"]]
     wall = sum(r["wall_seconds"] for r in done)
     share = sum(r["train_seconds"] for r in trained) / wall if wall else None
-    sigma_d, df = pooled_sigma(tables.get("one_at_a_time"))
-    seeds = max((len(v.seeds) for v in study.variants if v.group == "one_at_a_time"), default=2)
-    m = sum(1 for v in study.variants if v.group == "one_at_a_time" and not v.not_runnable)
-    devices = sorted({r["gpu"] or r["cpu"] for r in done}) or ["-"]
+    detectable = detectable_line(study, tables, base_values)
+    seeds = max((len(v.seeds) for v in study.variants if v.group in ("one_at_a_time", "path")), default=2)
+    devices = sorted({r["gpu"] or r["cpu"] for r in measured}) or ["-"]
+    precisions = sorted({r["precision"] for r in measured})
     commits = sorted({f"{r['commit']}" + (f" ({r['dirty']} files differed)" if r.get("dirty") else "") for r in done})
     gpu_seconds = sum(r["gpu_seconds"] or 0 for r in done)
     lines += [
@@ -187,13 +189,7 @@ def header(study, rows, setup, tables, command):
            f"{min(base_values.values()):.4g} to {max(base_values.values()):.4g}), a standard deviation of the log of "
            f"{log_sd(base_values.values()):.3f} (x{math.exp(log_sd(base_values.values())):.3f}); the evaluation "
            f"noise is part of it." if len(base_values) > 1 else "not known yet: the baseline needs 2 seeds."),
-        "- **Detectable change**: "
-        + (f"the paired differences of the one-at-a-time table have a pooled standard deviation of {sigma_d:.3f} "
-           f"(log, {df} degrees of freedom), so {seeds} seeds detect a change of "
-           f"x{stats.detectable_ratio(sigma_d, seeds, df=df):.2f} (or x{1 / stats.detectable_ratio(sigma_d, seeds, df=df):.2f}) "
-           f"with 80% power by a t test at 5%, and x{stats.detectable_ratio(sigma_d, seeds, stats.ALPHA / max(m, 1), df=df):.2f} "
-           f"at Holm's strictest step over its {m} variants; smaller changes may be real but unseen." if sigma_d else
-           "not known yet: it needs the one-at-a-time table's pooled variance (2 seeds of one variant)."),
+        "- **Detectable change**: " + detectable,
         "- **Where the time goes**: "
         + (f"training is {share:.0%} of the runs' wall time ({sum(r['train_seconds'] for r in trained) / 60:.1f} of "
            f"{wall / 60:.1f} minutes summed over runs that may overlap; the rest is start-up, evaluation and "
@@ -201,10 +197,60 @@ def header(study, rows, setup, tables, command):
            if share is not None else "no finished run yet."),
         f"- Ran on: {', '.join(devices)}; torch {', '.join(sorted({str(r['torch']) for r in done})) or '-'}; "
         f"commit {', '.join(commits) or '-'}."
-        + (" **The rows come from different machines.**" if len(devices) > 1 else ""),
+        + (" **The rows come from different machines**: their minutes differ, and so may their rounding."
+           if len(devices) > 1 else ""),
+        f"- Precision: {', '.join(precisions) or '-'}"
+        + (f". **The rows mix precisions**: a study pins one ({scale.precision} at this scale); rerun the others."
+           if len(precisions) > 1 else f", for every row ({scale.name} scale)." if precisions else "."),
+        *run_time_lines(study, done, curve),
         f"- Reproduce: `{command()}` (it skips the runs that have a current row), then "
         f"`{command('report', script='python ablate.py')}`.", ""]
     return lines
+
+
+def run_time_lines(study, done, curve):
+    """The study's total CPU (or GPU) time, and its longest run against the scale's limit."""
+    cpu = [r for r in [*done, *curve] if r.get("cpu_seconds") is not None]
+    if not cpu:
+        return []
+    total = sum(r["cpu_seconds"] for r in cpu)
+    lines = [f"- **Total CPU time**: {total / 3600:.1f} CPU-hours ({total / 3600 / MACHINE_CORES:.1f} hours of a "
+             f"{MACHINE_CORES}-core machine) for {len(cpu)} finished runs and curve points."]
+    limit = study.scale.run_minutes_allowed or study.scale.run_minutes_limit
+    minutes = {f"`{r['variant']}` seed {r['seed']}": run_minutes(r) if r in curve else r["cpu_seconds"] / MACHINE_CORES / 60
+               for r in cpu if not r.get("of")}
+    if limit and minutes:
+        over = [name for name, m in minutes.items() if m > limit]
+        longest = max(minutes, key=minutes.get)
+        lines.append(f"- **Run minutes** (CPU time over {MACHINE_CORES} cores, evaluation included; limit {limit:g}): the "
+                     f"longest run, {longest}, took {minutes[longest]:.1f}; "
+                     + (f"{len(over)} passed the limit: {', '.join(over)}." if over else "none passed the limit."))
+    return lines
+
+
+def detectable_line(study, tables, base_values):
+    """The smallest change the study's seed count detects with 80% power: from the pooled paired
+    differences of the one-at-a-time table, else of the path's, else (an upper bound) from the
+    baseline's spread over seeds as if unpaired, sqrt(2) times its log standard deviation."""
+    for group, words in (("one_at_a_time", "the one-at-a-time table"), ("path", "the path's table")):
+        sigma, df = pooled_sigma(tables.get(group))
+        if sigma:
+            break
+    else:
+        spread = log_sd(base_values.values()) if len(base_values) > 2 else None
+        sigma, df, words = (math.sqrt(2) * spread if spread else None), len(base_values) - 1, None
+    if not sigma:
+        return "not known yet: it needs the baseline on 3 seeds, or 2 seeds of one paired variant."
+    seeds = max((len(v.seeds) for v in study.variants if v.group in ("one_at_a_time", "path")), default=2)
+    m = max(sum(1 for v in study.variants if v.group == g and not v.not_runnable) for g in ("one_at_a_time", "path"))
+    ratio = stats.detectable_ratio(sigma, seeds, df=df)
+    source = (f"the paired differences of {words} have a pooled standard deviation of {sigma:.3f} (log, {df} degrees "
+              f"of freedom)" if words else
+              f"no paired table yet: sqrt(2) times the baseline's spread over its seeds gives {sigma:.3f} (log, {df} "
+              f"degrees of freedom), an upper bound, since pairing removes the part of the spread the seeds share")
+    return (f"{source}, so {seeds} seeds detect a change of x{ratio:.2f} (or x{1 / ratio:.2f}) with 80% power by a "
+            f"t test at 5%, and x{stats.detectable_ratio(sigma, seeds, stats.ALPHA / max(m, 1), df=df):.2f} at Holm's "
+            f"strictest step over {m} variants; smaller changes may be real but unseen.")
 
 
 def pooled_sigma(entry):
@@ -280,8 +326,10 @@ def not_yet_run(study, rows, command):
         return lines + ["Every variant has a finished row.", ""]
     if len(rows.ok("baseline")) < len(study.variant("baseline").seeds):
         first = ",".join(["baseline", *[v.name for v in study.variants if v.group == "path"][:1]])
-        lines += ["The first chunk (the budget curve, the baseline with its seeds, and the first row of the "
-                  "path), one line:", "", f"    {command('curve')} && {command('--only', first)}", ""]
+        tuning = [f"{command('--group', 'tuning')} && "] if any(v.group == "tuning" for v in study.variants) else []
+        lines += ["The first chunk (the budget curve, " + ("the tuning sweep, " if tuning else "") + "the baseline with "
+                  "its seeds, and the first row of the path), one line:", "",
+                  f"    {command('curve')} && {''.join(tuning)}{command('--only', first)}", ""]
     for group, entries in missing.items():
         runnable = any(not v.not_runnable for v, _ in entries)
         lines.append(f"- **{group}**" + (f": `{command('--group', group)}`" if runnable else ""))
@@ -372,7 +420,7 @@ def grid_count(grid_size):
 def grid_mosaic(captioned_rows, columns=4):
     """The runs' committed grids (the scale's grid_size) side by side, each under its caption: a Markdown table, so
     that the mosaic adds no image of its own to the repository."""
-    cells = [f"{caption}<br>![{r['variant']}]({r['grid']})" for caption, r in captioned_rows]
+    cells = [f"{c[0]}<br>![{c[1]['variant']}]({c[1]['grid']})" if c else "" for c in captioned_rows]
     if not cells:
         return []
     width = min(columns, len(cells))
@@ -394,22 +442,25 @@ def curve_section(study, curve, folder, command):
         widths.setdefault(width_label(r["config"]["channels"]), {})[r["budget_kimg"]] = r
     widths = {w: [p[k] for k in sorted(p)] for w, p in widths.items()}
     plt = pyplot()
+    timed = all(run_minutes(r) is not None for r in curve)  # rows from before the curve timed its runs: images
+    x_of = run_minutes if timed else (lambda r: r["budget_kimg"])
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for w, points in widths.items():
-        ax.plot([run_minutes(r) for r in points], [r["metrics"][PRIMARY]["samples"] for r in points], marker="o",
+        ax.plot([x_of(r) for r in points], [r["metrics"][PRIMARY]["samples"] for r in points], marker="o",
                 label=f"width {w}")
         for r in points:
-            ax.annotate(f"{r['budget_kimg']:g}k", (run_minutes(r), r["metrics"][PRIMARY]["samples"]), fontsize=7,
+            ax.annotate(f"{r['budget_kimg']:g}k", (x_of(r), r["metrics"][PRIMARY]["samples"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
     floor = curve[0]["metrics"][PRIMARY]["floor"]
     ax.axhline(floor, linestyle="--", color="tab:green", label="floor")
-    if limit:
+    if limit and timed:
         ax.axvline(limit, color="black", linewidth=1, label=f"run limit ({limit:g} min)")
         ax.axvline(LIMIT_FALLBACK * limit, color="grey", linewidth=1, linestyle=":",
                    label=f"allowed if needed ({LIMIT_FALLBACK * limit:g} min)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(f"minutes of the {MACHINE_CORES}-core machine for one run (training, start-up, evaluation)")
+    ax.set_xlabel(f"minutes of the {MACHINE_CORES}-core machine for one run (training, start-up, evaluation)"
+                  if timed else "thousands of images seen")
     ax.set_ylabel(f"{PRIMARY} (lower is better)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -419,10 +470,10 @@ def curve_section(study, curve, folder, command):
     lines += [f"For each width, one baseline run (seed {first['seed']}, learning rate "
               f"{first['config']['learning_rate']:g}, batch {first['config']['batch_size']}), evaluated as it reached "
               f"each point. Its learning rate is constant (`lr_schedule=constant`), so that the segments are one run. "
-              f"The widths ran at the same time, {first.get('threads') or '?'} thread(s) each, as the study's runs do. "
-              f"A point's run minutes are what one run to that point costs: its training up to the point, one start-up "
-              f"and one evaluation, in CPU time over the machine's {MACHINE_CORES} cores. A point's change is against "
-              f"the point before it.", ""]
+              + (f"The widths ran at the same time, {first['threads']} thread(s) each, as the study's runs do. A "
+                 f"point's run minutes are what one run to that point costs: its training up to the point, one "
+                 f"start-up and one evaluation, in CPU time over the machine's {MACHINE_CORES} cores. " if timed else "")
+              + "A point's change is against the point before it.", ""]
     for w, points in widths.items():
         lines += [f"**Width {w}** ({parameters(points[0]['config']) / 1e6:.2f}M parameters):", "",
                   "| thousand images | steps | " + PRIMARY + " | x floor | change | SWD x1e3 | val loss (EMA) | "
@@ -438,10 +489,13 @@ def curve_section(study, curve, folder, command):
             previous = value
         lines += ["", suggest_budget([r["metrics"][PRIMARY]["samples"] for r in points],
                                      [r["budget_kimg"] for r in points], PRIMARY), ""]
-    lines += [f"![curve](plots/{os.path.basename(plot)})", "", *choice_lines(study, widths), ""]
-    best = [min(points, key=lambda r: r["metrics"][PRIMARY]["samples"]) for points in widths.values()]
-    return lines + [*grid_mosaic([(f"width {width_label(r['config']['channels'])}, {r['budget_kimg']:g} kimg: "
-                                   f"{fmt(r['metrics'][PRIMARY]['samples'], '.4g')}", r) for r in best], columns=3), ""]
+    lines += [f"![curve](plots/{os.path.basename(plot)})", ""] + ([*choice_lines(study, widths), ""] if timed else [])
+    columns = max(len(points) for points in widths.values())
+    cells = [cell for points in widths.values()  # one row of the mosaic per width
+             for cell in [(f"width {width_label(r['config']['channels'])}, {r['budget_kimg']:g} kimg: "
+                           f"{fmt(r['metrics'][PRIMARY]['samples'], '.4g')}", r) for r in points]
+             + [None] * (columns - len(points))]
+    return lines + [*grid_mosaic(cells, columns=columns), ""]
 
 
 def parameters(config):
@@ -453,21 +507,40 @@ def parameters(config):
         return sum(p.numel() for p in UNet(config_from_dict(config)).parameters())
 
 
+GOAL_FLOOR_RATIO = 10  # the cpu scale's goal for its baseline: attribute FD at most 10x its floor
+
+
 def choice_lines(study, widths):
-    """What the curve supports: the point with the lowest primary metric among those whose run
-    fits the scale's limit (else its fallback), against what the scale runs."""
+    """What the curve supports: the point with the lowest primary metric among those whose run fits
+    the scale's limit; when that one misses GOAL_FLOOR_RATIO, the best within LIMIT_FALLBACK times
+    the limit. Against what the scale runs."""
     limit, scale = study.scale.run_minutes_limit, study.scale
     base = study.config(study.variant("baseline"))
     runs = f"The scale runs width {width_label(base.channels)} at {scale.budget_kimg:g} kimg."
     if not limit:
         return [runs]
-    for bound, words in ((limit, f"at most {limit:g} minutes"),
-                         (LIMIT_FALLBACK * limit, f"at most {LIMIT_FALLBACK * limit:g} minutes (none fits {limit:g})")):
-        fits = [r for points in widths.values() for r in points if run_minutes(r) <= bound]
-        if fits:
-            best = min(fits, key=lambda r: r["metrics"][PRIMARY]["samples"])
-            return [f"**The choice.** Of the points whose run takes {words}, the lowest {PRIMARY} is width "
-                    f"{width_label(best['config']['channels'])} at {best['budget_kimg']:g} kimg: "
-                    f"{best['metrics'][PRIMARY]['samples']:.4g}, {best['metrics'][PRIMARY]['samples'] / best['metrics'][PRIMARY]['floor']:.1f}x "
-                    f"its floor, a run of {run_minutes(best):.1f} minutes. " + runs]
-    return [f"No point's run fits {LIMIT_FALLBACK * limit:g} minutes. " + runs]
+    value = lambda r: r["metrics"][PRIMARY]["samples"]
+    ratio = lambda r: value(r) / r["metrics"][PRIMARY]["floor"]
+    points = [r for rows in widths.values() for r in rows]
+
+    def best(bound):
+        fits = [r for r in points if run_minutes(r) <= bound]
+        return min(fits, key=value) if fits else None
+
+    def words(r, bound):
+        return (f"Of the points whose run takes at most {bound:g} minutes, the lowest {PRIMARY} is width "
+                f"{width_label(r['config']['channels'])} at {r['budget_kimg']:g} kimg: {value(r):.4g}, "
+                f"{ratio(r):.1f}x its floor, a run of {run_minutes(r):.1f} minutes")
+    within, fallback = best(limit), best(LIMIT_FALLBACK * limit)
+    if within is None and fallback is None:
+        return [f"No point's run fits {LIMIT_FALLBACK * limit:g} minutes. " + runs]
+    if within is not None and (ratio(within) <= GOAL_FLOOR_RATIO or fallback is within):
+        return [f"**The choice.** {words(within, limit)}" + (f", within the goal of {GOAL_FLOOR_RATIO}x." if
+                ratio(within) <= GOAL_FLOOR_RATIO else f"; the goal of {GOAL_FLOOR_RATIO}x is not met.") + " " + runs]
+    lines = [f"**The choice.** " + (f"{words(within, limit)}, which misses the goal of {GOAL_FLOOR_RATIO}x its "
+                                    f"floor, so runs may take up to {LIMIT_FALLBACK * limit:g} minutes. " if within
+                                    else f"No point's run fits {limit:g} minutes. ")
+             + words(fallback, LIMIT_FALLBACK * limit)
+             + (f", within the goal of {GOAL_FLOOR_RATIO}x." if ratio(fallback) <= GOAL_FLOOR_RATIO else
+                f"; the goal of {GOAL_FLOOR_RATIO}x is not met there either.") + " " + runs]
+    return lines

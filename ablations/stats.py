@@ -166,11 +166,13 @@ def detectable_ratio(sigma, n, alpha=ALPHA, power=0.8, df=None):
 def describe(c, lower_is_better=True):
     """(text, verdict) for the report. text: "x1.32 [1.10, 1.58]" on the log scale (the ratio and its
     interval), "+0.031 [+0.010, +0.052]" on the diff scale, "(no interval)" without one. verdict:
-    "helps" or "hurts" when significant (lower_is_better says which direction helps), else
-    "not significant"."""
+    "helps" or "hurts" when significant (lower_is_better says which direction helps), "no verdict"
+    without an interval (one seed and nothing to pool with), else "not significant"."""
     show = (lambda x: f"{math.exp(x):.2f}") if c.scale == "log" else (lambda x: f"{x:+.3f}")
     text = ("x" if c.scale == "log" else "") + show(c.mean)
     text += f" [{show(c.low)}, {show(c.high)}]" if c.low is not None else " (no interval)"
+    if c.low is None:
+        return text, "no verdict"
     if not c.significant:
         return text, "not significant"
     return text, "helps" if (c.mean < 0) == lower_is_better else "hurts"

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -25,6 +26,9 @@ from testkit import PYTHON, REPO, make_avatar_folder, run
 SAMPLER_KEYS = ("sampler", "sampling_steps", "sampling_schedule", "eta", "clamp_x0")
 
 
+SMALL_PARAMETERS = 1_172_995  # preset small, the cpu scale's baseline
+
+
 def load(scale):
     return plan.load_study(os.path.join(REPO, report.STUDY), scale)
 
@@ -35,7 +39,7 @@ def training_fields(config):
 
 # ---- the study as data ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scale", ["gpu", "cpu"])
+@pytest.mark.parametrize("scale", ["gpu", "cpu", "toy"])
 def test_every_variant_changes_what_it_claims(scale):
     study = load(scale)
     base = study.config(study.variant("baseline"))
@@ -53,7 +57,7 @@ def test_every_variant_changes_what_it_claims(scale):
         reference = study.reference(v)
         if reference:  # the pairs: it trains on seeds of the run it is compared with
             assert set(v.seeds) <= set(study.variant(reference).seeds), v.name
-            assert len(v.seeds) >= (1 if v.group == "evaluation_noise" else 2), v.name
+            assert len(v.seeds) >= (1 if v.group in ("evaluation_noise", "tuning") else 2), v.name
 
 
 def test_relative_variants_have_the_values_they_claim():
@@ -72,7 +76,7 @@ def test_relative_variants_have_the_values_they_claim():
     assert all(v.of == "baseline" and v.seeds == (0,) for v in noise)
 
 
-@pytest.mark.parametrize("scale", ["gpu", "cpu"])
+@pytest.mark.parametrize("scale", ["gpu", "cpu", "toy"])
 def test_every_trained_variant_builds_its_network(scale):
     """A configuration that make_config accepts but unet.py cannot build fails here, not on a GPU
     lease (on the meta device: no memory, no time)."""
@@ -84,7 +88,7 @@ def test_every_trained_variant_builds_its_network(scale):
         if not v.not_runnable and not v.of:
             with torch.device("meta"):
                 sizes[v.name] = sum(p.numel() for p in UNet(study.config(v)).parameters())
-    assert sizes["baseline"] == (18_641_923 if scale == "gpu" else 426_019)
+    assert sizes["baseline"] == {"gpu": 18_641_923, "cpu": SMALL_PARAMETERS, "toy": 426_019}[scale]
     if scale == "gpu":
         assert sizes["path_A_seed"] == 138_624_003
         assert sizes["width_half"] < sizes["baseline"] < sizes["width_double"]
@@ -102,6 +106,31 @@ def test_the_path_goes_from_the_seed_to_the_default_one_change_at_a_time():
     assert path[-1].of == trained[-1].name and study.config(path[-1]) == make_config("default")
 
 
+def test_the_cpu_path_goes_from_the_seeds_recipe_at_the_scales_width_to_its_baseline():
+    """At the cpu scale the path starts from the seed's recipe (BatchNorm, no noise conditioning,
+    uniform alpha-bar, Adam at 1e-5, no EMA) at the scale's width, batch and sampler, then the
+    learning rate alone, and ends at the scale's baseline: at least 8 rows, none a re-evaluation."""
+    study = load("cpu")
+    path = [v for v in study.variants if v.group == "path"]
+    base, first = study.config(study.variant("baseline")), study.config(path[0])
+    seed = make_config("seed")
+    assert len(path) >= 8 and not any(v.of for v in path) and path[0].name == "path_A_seed"
+    assert (first.norm, first.noise_cond, first.noise_sampling, first.optimizer, first.learning_rate, first.ema_decay) == \
+        (seed.norm, seed.noise_cond, seed.noise_sampling, seed.optimizer, 1e-5, 0.0)
+    assert (first.channels, first.batch_size, first.sampler, first.sampling_steps) == \
+        (base.channels, base.batch_size, base.sampler, base.sampling_steps)
+    second = study.config(path[1])
+    assert path[1].name == "path_B_learning_rate" and second.optimizer == "adam"
+    assert dataclasses.replace(second, learning_rate=first.learning_rate) == first
+    assert second.learning_rate == base.learning_rate
+    assert study.config(path[-1]) == base
+    tuning = [study.config(v) for v in study.variants if v.group == "tuning"]
+    assert [(c.learning_rate, c.batch_size) for c in tuning] == list(study.scale.tuning)
+    assert all(dataclasses.replace(c, learning_rate=base.learning_rate, batch_size=base.batch_size) == base
+               for c in tuning)  # only the rate and the batch differ from the baseline
+    assert len({lr for lr, _ in study.scale.tuning}) >= 3 and len({n for _, n in study.scale.tuning}) >= 3
+
+
 def test_the_study_has_what_the_issue_lists():
     study = load("gpu")
     names = {v.name for v in study.variants}
@@ -109,9 +138,14 @@ def test_the_study_has_what_the_issue_lists():
             "target_v", "lr_x0.5", "lr_x2", "ema_0.9999", "batch_128", "batch_460", "baseline_ddpm_1000",
             "noise_cond_none_dpm_10", "baseline_clamp_off"} <= names
     assert study.variant("peer_diffusers_unet2d").not_runnable
-    assert {v.group for v in study.variants} == set(study.groups)
-    cpu = load("cpu")
-    assert cpu.preset(cpu.variant("baseline")) == "tiny" and len(cpu.variants) < len(study.variants)
+    assert {v.group for v in study.variants} == set(study.groups) - {"tuning"}  # the gpu scale sweeps nothing yet
+    toy = load("toy")
+    assert toy.preset(toy.variant("baseline")) == "tiny" and len(toy.variants) < len(study.variants)
+    cpu = load("cpu")  # the issue's CPU scale: the default's recipe at a CPU's width, 2,000 samples, 16x8 grids
+    assert cpu.preset(cpu.variant("baseline")) == "small" and cpu.scale.num_samples >= 2000
+    assert (cpu.scale.precision, cpu.scale.grid_size, cpu.scale.run_minutes_limit) == ("bf16", "16x8", 10)
+    assert {v.group for v in cpu.variants} == {"baseline", "tuning", "path", "evaluation_noise"}
+    assert len(cpu.scale.curve_widths) >= 2
 
 
 def write_study(folder, variants, scale="toy"):
@@ -346,6 +380,30 @@ def test_the_report_shows_paired_ratios_from_the_rule_and_its_header(tmp_path):
         assert f"(plots/{name})" in text and pixel_spread(tmp_path / "plots" / name) > 5, name
 
 
+def test_the_header_warns_of_mixed_precisions_and_machines_and_counts_the_cpu_time(tmp_path):
+    """A study pins one precision and the minutes are one machine's: the header says when rows
+    disagree, gives the total CPU time, and names the runs that took longer than the scale's limit."""
+    path = write_study(tmp_path, 'Variant("baseline", "baseline", seeds=(0, 1, 2))')
+    source = open(path).read().replace("toy=True", "toy=True, run_minutes_limit=1")
+    open(path, "w").write(source)
+    study = plan.load_study(path, "toy")
+    setup = Setup.of(study.scale)
+    same = dict(threads=1, cpu_seconds=60.0)
+    for r in [fake_row(study, setup, "baseline", 0, 100.0, **same), fake_row(study, setup, "baseline", 1, 110.0, **same),
+              fake_row(study, setup, "baseline", 2, 120.0, threads=1, cpu_seconds=180.0)]:
+        rows.append_row(tmp_path / "results.jsonl", r)
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    assert "- Precision: fp32, for every row (toy scale)." in text and "different machines" not in text
+    assert "- **Total CPU time**: 0.1 CPU-hours (0.0 hours of a 2-core machine) for 3 finished runs" in text
+    assert "the longest run, `baseline` seed 2, took 1.5; 1 passed the limit: `baseline` seed 2." in text
+    assert "sqrt(2) times the baseline's spread over its seeds" in text  # no paired table yet: the upper bound
+    rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "baseline", 1, 111.0, precision="bf16",
+                                                         cpu="CPU (other, 2 cores)", **same))
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    assert "**The rows mix precisions**: a study pins one (fp32 at this scale)" in text
+    assert "**The rows come from different machines**" in text
+
+
 def test_the_report_without_rows_lists_every_variant_as_not_yet_run(tmp_path):
     study = load("gpu")
     text = open(report.write_report(study, str(tmp_path), Setup.of(study.scale))).read()
@@ -374,14 +432,16 @@ def test_the_committed_report_is_what_its_rows_give(tmp_path, scale):
 # ---- the budget curve ------------------------------------------------------------------------------------
 
 class CurveRunner:
-    """The part of runner.Runner that the curve drives, recording each segment instead of training."""
+    """The part of runner.Runner that the curve drives, recording each segment instead of training.
+    A segment's training takes 10 s a thousand images, its start-up and evaluation 60 s, on 1 thread."""
 
-    def __init__(self, study, out, interrupt_at=None):
+    def __init__(self, study, out, interrupt_at=None, slots=1):
         self.study, self.scale, self.out, self.checkpoints = study, study.scale, str(out), str(out / "runs")
         self.setup, self.calls, self.interrupt_at = Setup.of(study.scale), [], interrupt_at
+        self.lock, self.n_slots = threading.Condition(), slots
 
     def slots(self):
-        return [(None, "cpu", 2)]
+        return [(None, "cpu", 1)] * self.n_slots
 
     def interrupt(self, message, wait=False):
         self.interrupted = (message, wait)
@@ -389,10 +449,15 @@ class CurveRunner:
     def run_job(self, job, slot, budget_kimg, run_dir, fresh):
         if budget_kimg == self.interrupt_at:
             raise curve.Interrupted
-        self.calls.append((job.variant.name, job.variant.overrides, budget_kimg, run_dir, fresh))
+        with self.lock:
+            self.calls.append((job.variant.name, job.variant.overrides, budget_kimg, run_dir, fresh))
+        config = config_to_dict(self.study.config(job.variant))
         row = fake_row(self.study, self.setup, "baseline", job.seed, 1000 / budget_kimg)
+        previous = max([c[2] for c in self.calls if c[3] == run_dir and c[2] < budget_kimg], default=0)
         return {**row, "variant": job.variant.name, "budget_kimg": budget_kimg, "steps": round(budget_kimg * 1000 / 16),
-                "setup_hash": dataclasses.replace(self.setup, budget_kimg=budget_kimg).hash}
+                "setup_hash": dataclasses.replace(self.setup, budget_kimg=budget_kimg).hash,
+                "config_hash": rows.config_hash(self.study, job.variant), "config": config, "threads": 1,
+                "train_seconds": 10 * budget_kimg, "cpu_seconds": 10 * (budget_kimg - previous) + 60}
 
 
 def test_the_curve_trains_one_run_in_segments_and_resumes_where_it_stopped(tmp_path):
@@ -400,17 +465,59 @@ def test_the_curve_trains_one_run_in_segments_and_resumes_where_it_stopped(tmp_p
     runner = CurveRunner(study, tmp_path, interrupt_at=0.128)
     assert curve.run_curve(runner) == 130  # 1/4, 1/2, 1 and 2 budgets of 0.128 kimg; stopped at the third
     assert runner.interrupted[1] is True  # it waits for the steps under way
-    assert runner.calls == [("curve_0.032kimg", ("lr_schedule=constant",), 0.032, str(tmp_path / "runs/curve/seed0"), True),
-                            ("curve_0.064kimg", ("lr_schedule=constant",), 0.064, str(tmp_path / "runs/curve/seed0"), False)]
+    run_dir = str(tmp_path / "runs/curve/16-32-32-32/seed0")
+    assert runner.calls == [("curve_0.032kimg", ("lr_schedule=constant",), 0.032, run_dir, True),
+                            ("curve_0.064kimg", ("lr_schedule=constant",), 0.064, run_dir, False)]
     runner = CurveRunner(study, tmp_path)
     assert curve.run_curve(runner) == 0
     assert [(c[2], c[4]) for c in runner.calls] == [(0.128, False), (0.256, False)]  # the same run, resumed
     assert [r["budget_kimg"] for r in rows.read_rows(tmp_path, "curve.jsonl")] == [0.032, 0.064, 0.128, 0.256]
-    with pytest.raises(UserError, match="the curve's run is past 0.1 kimg already: pass --fresh"):
+    with pytest.raises(UserError, match="the curve's run of curve is past 0.1 kimg already: pass --fresh"):
         curve.run_curve(CurveRunner(study, tmp_path), points_kimg=[0.1, 0.5])
     text = open(tmp_path / "REPORT.md").read()
-    assert "| 0.064 | 4 | 1.562e+04 | 30 | -50% |" in text and "No suggestion: the last point still improved" in text
+    assert "| 0.064 | 4 | 1.562e+04 | 520.8 | -50% |" in text and "No suggestion: the last point still improved" in text
     assert "![curve](plots/curve.png)" in text and pixel_spread(tmp_path / "plots" / "curve.png") > 5
+
+
+def test_the_curve_runs_each_width_on_its_own_slot_until_a_run_would_pass_the_limit(tmp_path):
+    """Two widths at once, each its own run folder and variant; a width stops at the first point
+    whose run (its training so far, scaled to the point, plus a start-up and an evaluation) would
+    take more than 1.5x the scale's run limit; the report charts quality against run minutes and
+    names the best point within the limit."""
+    path = write_study(tmp_path, 'Variant("baseline", "baseline", seeds=(0, 1))')
+    source = open(path).read().replace("toy=True", "toy=True, run_minutes_limit=1, "
+                                       "curve_widths=((16, 32, 32, 32), (8, 16, 16, 16)), curve_points_kimg=(1, 2, 4, 8)")
+    open(path, "w").write(source)
+    study = plan.load_study(path, "toy")
+    runner = CurveRunner(study, tmp_path, slots=2)
+    assert curve.run_curve(runner) == 0
+    # A run to 4 kimg: 40 s of training and 60 s of the rest on 1 thread, 100 CPU-seconds, 0.83 minutes
+    # of the 2-core machine (<= 1.5); to 8 kimg it would be 140 s, 1.17 minutes: still allowed. Beyond:
+    # the points end.
+    by_width = {}
+    for name, _, kimg, run_dir, _ in runner.calls:
+        by_width.setdefault(run_dir, []).append(kimg)
+    assert by_width == {str(tmp_path / "runs/curve/16-32-32-32/seed0"): [1, 2, 4, 8],
+                        str(tmp_path / "runs/curve/8-16-16-16/seed0"): [1, 2, 4, 8]}
+    written = rows.read_rows(tmp_path, "curve.jsonl")
+    assert [r["run_cpu_seconds"] for r in written if r["variant"].startswith("curve_16")] == [70, 80, 100, 140]
+    assert curve.predicted_minutes(written[-1], 16) == pytest.approx((160 + 60) / 120)
+    text = open(tmp_path / "REPORT.md").read()
+    assert "**Width 16-32-32-32**" in text and "**Width 8-16-16-16**" in text
+    # 8 kimg (1.17 minutes) passes the 1-minute limit, so the choice is 4 kimg (0.83 minutes)
+    assert "Of the points whose run takes at most 1 minutes, the lowest attribute_fd is width 16-32-32-32 at 4 kimg: " \
+           "250, 8.3x its floor, a run of 0.8 minutes, within the goal of 10x." in text
+    # with a limit of 0.5 minutes, nothing beyond the 1 kimg points (70 s = 0.58 min > 0.5 ... 0.75 allowed)
+    source = open(path).read().replace("run_minutes_limit=1,", "run_minutes_limit=0.5,")
+    open(path, "w").write(source)
+    runner = CurveRunner(plan.load_study(path, "toy"), tmp_path / "short", slots=2)
+    os.makedirs(tmp_path / "short")
+    assert curve.run_curve(runner) == 0
+    assert sorted(c[2] for c in runner.calls) == [1, 1, 2, 2]  # to 4 kimg: 100 s, 0.83 min > 0.75
+    text = open(tmp_path / "short" / "REPORT.md").read()
+    assert "**The choice.** No point's run fits 0.5 minutes. Of the points whose run takes at most 0.75 minutes, the " \
+           "lowest attribute_fd is width 16-32-32-32 at 2 kimg: 500, 16.7x its floor, a run of 0.7 minutes; the goal " \
+           "of 10x is not met there either." in text
 
 
 def test_the_suggested_budget_is_where_the_curve_flattens():

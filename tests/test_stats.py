@@ -113,7 +113,7 @@ def test_pooling_fits_a_block_design_with_the_reference_as_a_row_of_zeros():
     assert (a.se, a.df) == (pytest.approx(math.sqrt(0.02 / 2)), 1)
     assert (b.se, b.df) == (pytest.approx(math.sqrt(0.08 / 2)), 1)
     assert (c.df, c.se, c.low, c.high, c.p, c.p_holm, c.significant) == (0, None, None, None, None, None, False)
-    assert describe(c) == ("x1.22 (no interval)", "not significant")
+    assert describe(c) == ("x1.22 (no interval)", "no verdict")
     assert [a.p_holm, b.p_holm] == pytest.approx(holm([a.p, b.p]))  # Holm counts only the variants with a p
 
 

@@ -361,6 +361,24 @@ def test_a_resumed_run_keeps_the_preset_it_was_started_with(tmp_path):
     assert (resumed_config, args.preset, resume_from["step"]) == (config, "tiny", 7)
 
 
+def test_without_cuda_and_without_preset_it_trains_the_cpu_preset_and_says_so(tmp_path, capsys):
+    """A newcomer's `bash train_UNet.sh` on a laptop trains preset small (the CPU study's network),
+    not the 18.6M-parameter default; an explicit --preset still wins, and so does a run folder's
+    own checkpoint (test above)."""
+    from config import CPU_PRESET, make_config
+    from train import Processes, configure, parse_args
+    argv = ["--model_checkpoint_dir", str(tmp_path)]
+    args = parse_args(argv)
+    config, _ = configure(args, argv, str(tmp_path / "latest_model.pth"), Processes("cpu"))
+    assert (args.preset, config) == (CPU_PRESET, make_config(CPU_PRESET)) and CPU_PRESET == "small"
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("train.py: no CUDA GPU, so preset small") and "--preset default" in said[0]
+    argv = ["--model_checkpoint_dir", str(tmp_path), "--preset", "default"]
+    args = parse_args(argv)
+    config, _ = configure(args, argv, str(tmp_path / "latest_model.pth"), Processes("cpu"))
+    assert (args.preset, config) == ("default", make_config("default")) and capsys.readouterr().out == ""
+
+
 # ---- the learning-rate schedule and where the run ends ------------------------------------------------
 
 @pytest.mark.parametrize("schedule, at_half, at_end", [("constant", 1.0, 1.0), ("cosine", 0.5, 0.0),
