@@ -9,6 +9,7 @@ of the runner's slots, as the study's runs do, so that their minutes are the stu
 """
 import concurrent.futures
 import dataclasses
+import math
 import os
 import signal
 
@@ -149,13 +150,21 @@ def current_points(study, setup, rows):
             and r.get("setup_hash") == dataclasses.replace(setup, budget_kimg=r["budget_kimg"]).hash]
 
 
+def per_doubling(a, b, kimg_a, kimg_b):
+    """The ratio b / a of the metric between two points, scaled to one doubling of the images seen,
+    so that unevenly spaced points compare."""
+    return (b / a) ** (1 / math.log2(kimg_b / kimg_a))
+
+
 def suggest_budget(values, points_kimg, metric):
     """The smallest point at which the baseline is past its steep early phase: from it on, every
-    point improves the metric on the one before by less than CURVE_FLAT. A suggestion for the person
-    who picks the budget."""
-    for i in range(len(values) - 1):
-        if all(b > (1 - CURVE_FLAT) * a for a, b in zip(values[i:], values[i + 1:])):
+    point improves the metric on the one before by less than CURVE_FLAT per doubling of the images
+    seen. A suggestion for the person who picks the budget."""
+    steps = [per_doubling(a, b, ka, kb) for a, b, ka, kb in zip(values, values[1:], points_kimg, points_kimg[1:])]
+    for i in range(len(steps)):
+        if all(r > 1 - CURVE_FLAT for r in steps[i:]):
             return (f"Suggested budget: **{points_kimg[i]:g} kimg**, the first point from which no later "
-                    f"point improves {metric} by {CURVE_FLAT:.0%} or more on the one before it.")
-    return (f"No suggestion: the last point still improved {metric} by {CURVE_FLAT:.0%} or more, so the baseline is "
-            f"still in its steep early phase there; extend the curve (--points_kimg).")
+                    f"point improves {metric} by {CURVE_FLAT:.0%} or more per doubling of the images seen.")
+    return (f"No suggestion: the last point still improved {metric} by {CURVE_FLAT:.0%} or more per doubling of "
+            f"the images seen, so the baseline is still in its steep early phase there; extend the curve "
+            f"(--points_kimg).")

@@ -8,7 +8,8 @@ import math
 import os
 
 from ablations import stats
-from ablations.curve import LIMIT_FALLBACK, MACHINE_CORES, current_points, run_minutes, suggest_budget, width_label
+from ablations.curve import (LIMIT_FALLBACK, MACHINE_CORES, current_points, per_doubling, run_minutes, suggest_budget,
+                             width_label)
 from ablations.rows import REPO, Rows, read_rows
 from cli import atomic_write
 
@@ -473,20 +474,22 @@ def curve_section(study, curve, folder, command):
               + (f"The widths ran at the same time, {first['threads']} thread(s) each, as the study's runs do. A "
                  f"point's run minutes are what one run to that point costs: its training up to the point, one "
                  f"start-up and one evaluation, in CPU time over the machine's {MACHINE_CORES} cores. " if timed else "")
-              + "A point's change is against the point before it.", ""]
+              + "A point's change is against the point before it; per doubling is the same change scaled to one doubling of the images seen, so that unevenly spaced points compare.", ""]
     for w, points in widths.items():
         lines += [f"**Width {w}** ({parameters(points[0]['config']) / 1e6:.2f}M parameters):", "",
-                  "| thousand images | steps | " + PRIMARY + " | x floor | change | SWD x1e3 | val loss (EMA) | "
-                  "img/s | run minutes |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| thousand images | steps | " + PRIMARY + " | x floor | change | per doubling | SWD x1e3 | "
+                  "val loss (EMA) | img/s | run minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
         previous = None
         for r in points:
             value = r["metrics"][PRIMARY]["samples"]
-            change = f"{(value / previous - 1) * 100:+.0f}%" if previous and value is not None else "-"
+            change = f"{(value / previous['metrics'][PRIMARY]['samples'] - 1) * 100:+.0f}%" if previous else "-"
+            doubling = "-" if not previous else \
+                f"{(per_doubling(previous['metrics'][PRIMARY]['samples'], value, previous['budget_kimg'], r['budget_kimg']) - 1) * 100:+.0f}%"
             lines.append(f"| {r['budget_kimg']:g} | {r['steps']} | {fmt(value, '.4g')} | "
-                         f"{fmt(value / r['metrics'][PRIMARY]['floor'], '.1f')} | {change} | "
+                         f"{fmt(value / r['metrics'][PRIMARY]['floor'], '.1f')} | {change} | {doubling} | "
                          f"{fmt(r['metrics']['swd_x1e3_avg']['samples'], '.1f')} | {fmt(r.get('val_loss_ema'), '.4f')} | "
                          f"{fmt(r.get('img_per_s'), '.0f')} | {fmt(run_minutes(r), '.1f')} |")
-            previous = value
+            previous = r
         lines += ["", suggest_budget([r["metrics"][PRIMARY]["samples"] for r in points],
                                      [r["budget_kimg"] for r in points], PRIMARY), ""]
     lines += [f"![curve](plots/{os.path.basename(plot)})", ""] + ([*choice_lines(study, widths), ""] if timed else [])

@@ -417,9 +417,10 @@ def test_the_report_without_rows_lists_every_variant_as_not_yet_run(tmp_path):
     assert "- **Evaluation noise**: not measured yet (`bash ablate.sh --group evaluation_noise`)." in text
 
 
-@pytest.mark.parametrize("scale", ["gpu", "cpu"])
+@pytest.mark.parametrize("scale", ["gpu", "cpu", "toy"])
 def test_the_committed_report_is_what_its_rows_give(tmp_path, scale):
-    """ablations/REPORT.md and ablations/cpu/REPORT.md come from `python ablate.py report`."""
+    """ablations/REPORT.md, ablations/cpu/REPORT.md and ablations/toy/REPORT.md come from
+    `python ablate.py report`."""
     study = load(scale)
     folder = os.path.join(REPO, study.scale.folder)
     for name in os.listdir(folder):
@@ -523,7 +524,7 @@ def test_the_curve_runs_each_width_on_its_own_slot_until_a_run_would_pass_the_li
 def test_the_suggested_budget_is_where_the_curve_flattens():
     assert curve.suggest_budget([1000, 500, 300, 280], [1, 2, 4, 8], "fd").startswith("Suggested budget: **4 kimg**")
     assert curve.suggest_budget([1000, 800, 700], [1, 2, 4], "fd").startswith("Suggested budget: **1 kimg**")
-    assert curve.suggest_budget([1000, 500, 200], [1, 2, 4], "fd").startswith("No suggestion")
+    assert curve.suggest_budget([1000, 500, 200], [1, 2, 4], "fd").startswith("No suggestion")  # per doubling: 1,2,4 are doublings
 
 
 # ---- the study end to end ----------------------------------------------------------------------------

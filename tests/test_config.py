@@ -45,7 +45,7 @@ def test_the_bounds_themselves_where_allowed():
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match="seed, default, tiny"):
+    with pytest.raises(ConfigError, match="seed, default, small, tiny"):
         make_config("huge")
 
 
@@ -114,3 +114,12 @@ def test_the_ownership_check_finds_a_stray_read(tmp_path):
     stray = tmp_path / "stray.py"
     stray.write_text("def f(config, model):\n    return model.config.norm, getattr(config, 'eta'), config.channels\n")
     assert sorted(config_reads(stray)) == [("channels", 2), ("eta", 2), ("norm", 2)]
+
+
+def test_the_cpu_preset_is_the_defaults_recipe_at_a_cpu_width():
+    """preset small (the cpu scale, train.py's choice without CUDA) differs from the default only in
+    width, batch and the learning rate and warm-up that go with them: the same recipe."""
+    from config import CPU_PRESET, config_to_dict
+    small, default = config_to_dict(make_config(CPU_PRESET)), config_to_dict(make_config("default"))
+    assert {k for k in small if small[k] != default[k]} == {"channels", "batch_size", "learning_rate", "warmup_steps"}
+    assert small["channels"][0] < default["channels"][0] and small["batch_size"] < default["batch_size"]
