@@ -65,6 +65,8 @@ def parse_args(argv=None):
                    help="stop after this many minutes of training in all, resumes included (0: no limit)")
     p.add_argument("--save_minutes", type=positive_float, default=10,
                    help="minutes between writes of latest_model.pth (also written at every stop)")
+    p.add_argument("--preview_minutes", type=positive_float, default=5,
+                   help="minutes between visdom's previews of the EMA's samples, besides the one at each validation")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu | mps (under torchrun: cuda, each process its own GPU)")
     p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
@@ -296,6 +298,7 @@ class RunFolder:
     flops_per_image: float
     writer: checkpoint.BackgroundWriter = dataclasses.field(default_factory=checkpoint.BackgroundWriter)
     latest_saved_at: float = dataclasses.field(default_factory=time.time)  # --save_minutes counts from here
+    previewed_at: float = dataclasses.field(default_factory=time.time)     # --preview_minutes counts from here
     latest_saved_step: int = -1
     validated_step: int = -1
 
@@ -447,6 +450,11 @@ def train(args, config, procs, state, train_step, train_images, validation, run,
                     break
                 if time.time() - run.latest_saved_at >= 60 * args.save_minutes:
                     save(run, "latest_model.pth", state, config, args.preset, procs)
+                if procs.master and run.vis.online and time.time() - run.previewed_at >= 60 * args.preview_minutes:
+                    # A CPU epoch takes many minutes: samples in between, from their own noise.
+                    run.vis.log_samples(state.step * config.batch_size,
+                                        preview_samples(state.ema, config, procs.device, plan))
+                    run.previewed_at = time.time()
             if state.batch_in_epoch == steps_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 end_epoch(args, config, procs, state, validation, run, bar, plan)
@@ -579,6 +587,7 @@ def validate(args, config, procs, state, validation, run, bar, plan):
                                                 images_seen=images_seen, val_loss=val_loss, val_loss_ema=val_loss_ema))
         samples = preview_samples(state.ema, config, procs.device, plan) if run.vis.online else None
         run.vis.log_validation(images_seen, val_loss, val_loss_ema, samples)
+        run.previewed_at = time.time()
         draw_loss_curve(read_log(run.file("log.jsonl")), run.file("loss_curve.png"))
         bar.write(f"epoch {epoch} step {state.step}: validation loss {val_loss:.4f} (EMA {val_loss_ema:.4f})")
     if val_loss_ema < state.best_validation_loss:
@@ -730,7 +739,8 @@ def warn_cpu_speed(seconds_per_step, plan, config, steps_per_epoch):
         duration = f"{seconds / 3600:.1f} hours" if seconds > 5400 else f"{seconds / 60:.0f} minutes"
         print(f"warning: training on the CPU: about {duration} per epoch ({steps_per_epoch} steps of "
               f"{config.batch_size}, {plan.precision}, {plan.layout}); a CUDA GPU is 100x faster "
-              f"(preset {CPU_PRESET}, train.py's choice without CUDA, shows avatars within its first epochs)",
+              f"(preset {CPU_PRESET}, train.py's choice without CUDA, draws avatars after about 75 thousand images; "
+              f"visdom shows its samples every --preview_minutes)",
               file=sys.stderr)
 
 

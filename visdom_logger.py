@@ -194,13 +194,20 @@ class VisdomLogger:
         if val_loss_ema is not None:
             self._add("loss", "validation (EMA weights)", x, _finite(val_loss_ema))
         if samples is not None:
-            png, (width, height) = sample_grid_png(samples)
-            src = "data:image/png;base64," + base64.b64encode(png).decode()
-            # The count goes in the title: visdom shows an image's caption twice.
-            title = f"{self._title('samples')} after {images_seen:,} images"
-            self._panes["samples"] = {"data": [{"content": {"src": src, "caption": None}, "type": "image"}],
-                                      "opts": {"title": title, "width": width + 20, "height": height + 45}}
-            self._dirty.add("samples")
+            self.log_samples(images_seen, samples)
+        self._maybe_flush()
+
+    def log_samples(self, images_seen, samples):
+        """The samples pane: a grid of the EMA's samples (uint8, N x 3 x H x W) after images_seen."""
+        if self._http is None:
+            return
+        png, (width, height) = sample_grid_png(samples)
+        src = "data:image/png;base64," + base64.b64encode(png).decode()
+        # The count goes in the title: visdom shows an image's caption twice.
+        title = f"{self._title('samples')} after {images_seen:,} images"
+        self._panes["samples"] = {"data": [{"content": {"src": src, "caption": None}, "type": "image"}],
+                                  "opts": {"title": title, "width": width + 20, "height": height + 45}}
+        self._dirty.add("samples")
         self._maybe_flush()
 
     # ---- sending ----------------------------------------------------------------------------

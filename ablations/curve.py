@@ -134,7 +134,8 @@ def width_label(channels):
 
 def curve_variant(study, width=None):
     base = study.variant("baseline")
-    overrides = (*base.overrides, "lr_schedule=constant", *([setting("channels", width)] if width else []))
+    overrides = (*base.overrides, "lr_schedule=constant", *study.scale.curve_overrides,
+                 *([setting("channels", width)] if width else []))
     name = "curve" if width is None else f"curve_{width_label(width)}"
     return dataclasses.replace(base, name=name, overrides=overrides)
 

@@ -2,8 +2,9 @@
 invocation does (selection, shards, the runs that have a current row).
 
 A run is a (variant, seed). A re-evaluation needs the trained run it re-evaluates, so choosing one
-brings that run too, and a shard keeps the two together. A run is skipped when it has a current row
-(ablations/rows.py): finished, or failed unless --retry_failed. A stale row does not count.
+brings that run too, and a shard keeps the two together; choosing a variant that shows another's
+runs (`runs_of`) chooses those. A run is skipped when it has a current row (ablations/rows.py):
+finished, or failed unless --retry_failed. A stale row does not count.
 """
 import dataclasses
 import difflib
@@ -84,6 +85,13 @@ def load_study(path, scale_name):
             raise UserError(f"{where}: re-evaluates {v.of!r}, which is not a trained variant")
         if v.of and any(o.partition("=")[0] not in module.SAMPLER_FIELDS for o in v.overrides):
             raise UserError(f"{where}: a re-evaluation may only set {', '.join(module.SAMPLER_FIELDS)}")
+        if v.runs_of and (v.runs_of not in names or by_name[v.runs_of].of or by_name[v.runs_of].runs_of):
+            raise UserError(f"{where}: shows the runs of {v.runs_of!r}, which is not a trained variant of scale "
+                            f"{scale_name}")
+        if v.runs_of and (study.config(v) != study.config(by_name[v.runs_of])
+                          or not set(v.seeds) <= set(by_name[v.runs_of].seeds)):
+            raise UserError(f"{where}: shows the runs of {v.runs_of!r}, but its configuration or seeds are not "
+                            f"that variant's; give it runs of its own (runs_of=\"\")")
         reference = study.reference(v)
         if reference and not set(v.seeds) <= set(by_name[reference].seeds):
             raise UserError(f"{where}: seeds {', '.join(map(str, v.seeds))} are not all seeds of {reference}, "
@@ -129,7 +137,7 @@ def select(study, only=None, groups=None, seeds=None):
         for seed in seeds or v.seeds:
             if v.of:
                 jobs.append(Job(study.variant(v.of), seed))
-            jobs.append(Job(v, seed))
+            jobs.append(Job(study.variant(v.runs_of) if v.runs_of else v, seed))
     return list(dict.fromkeys(jobs))
 
 

@@ -63,7 +63,13 @@ def write_report(study, folder, setup):
         shown = [v for v in variants if rows.ok(v.name) or rows.failed(v.name)]
         if not shown:
             continue
-        lines += [f"### {group}", "", *table_lines(study, rows, shown, compared), ""]
+        lines += [f"### {group}", ""]
+        if group == "tuning":
+            b = study.config(study.variant("baseline"))
+            lines += [f"The sweep of the learning rate and batch at the baseline's width, on seed 0. The baseline "
+                      f"(preset {study.preset(study.variant('baseline'))}) trains at learning rate "
+                      f"{b.learning_rate:g}, batch {b.batch_size}.", ""]
+        lines += [*table_lines(study, rows, shown, compared), ""]
         for plot in (ratio_chart(group, shown, compared, plots), loss_curves(group, study, rows, shown, plots)):
             if plot:
                 written.append(os.path.basename(plot))
@@ -471,6 +477,8 @@ def curve_section(study, curve, folder, command):
     lines += [f"For each width, one baseline run (seed {first['seed']}, learning rate "
               f"{first['config']['learning_rate']:g}, batch {first['config']['batch_size']}), evaluated as it reached "
               f"each point. Its learning rate is constant (`lr_schedule=constant`), so that the segments are one run. "
+              + (f"It also sets {', '.join(f'`{o}`' for o in study.scale.curve_overrides)}: the recipe the curve was "
+                 f"measured at, before the tuning sweep chose the baseline's. " if study.scale.curve_overrides else "")
               + (f"The widths ran at the same time, {first['threads']} thread(s) each, as the study's runs do. A "
                  f"point's run minutes are what one run to that point costs: its training up to the point, one "
                  f"start-up and one evaluation, in CPU time over the machine's {MACHINE_CORES} cores. " if timed else "")

@@ -113,6 +113,7 @@ class Rows:
     current: dict
     stale: list   # (row, reason)
     other_setups: int
+    runs_of: dict = dataclasses.field(default_factory=dict)  # {variant: (the variant whose runs it shows, its seeds)}
 
     @classmethod
     def of(cls, study, setup, rows):
@@ -133,11 +134,17 @@ class Rows:
                 del current[key]
         superseded = {(r["variant"], r["seed"]) for r in current.values()}
         stale = [(r, why) for r, why in stale if (r["variant"], r["seed"]) not in superseded]
-        return cls(current, stale, len(rows) - len(mine))
+        return cls(current, stale, len(rows) - len(mine),
+                   {v.name: (v.runs_of, v.seeds) for v in study.variants if v.runs_of})
+
+    def of_variant(self, name):
+        """The current rows a variant shows: its own, or on its seeds those of the variant it shows."""
+        shown, seeds = self.runs_of.get(name, (name, None))
+        return [r for (n, s), r in sorted(self.current.items()) if n == shown and (seeds is None or s in seeds)]
 
     def ok(self, name):
         """The variant's finished current rows, by seed."""
-        return {s: r for (n, s), r in sorted(self.current.items()) if n == name and r["status"] == "ok"}
+        return {r["seed"]: r for r in self.of_variant(name) if r["status"] == "ok"}
 
     def failed(self, name):
-        return [r for (n, _), r in sorted(self.current.items()) if n == name and r["status"] != "ok"]
+        return [r for r in self.of_variant(name) if r["status"] != "ok"]

@@ -12,7 +12,9 @@ Groups:
     evaluation_noise  the baseline's seed-0 run scored again from other starting noise: how much of
                     the spread over seeds is the evaluation's own (no table; the report's header)
 A variant with `of` set re-evaluates the run of the variant it names; its overrides may only
-change the sampler fields (SAMPLER_FIELDS).
+change the sampler fields (SAMPLER_FIELDS). A variant with `runs_of` set is that trained variant
+under another name (the path's last row, where it reaches the baseline): it shows that one's runs
+and does not run itself.
 
 The design is paired (ablations/stats.py): every variant trains on the seeds of the run it is
 compared with (VARIANT_SEEDS, a subset of the baseline's BASELINE_SEEDS), so that the two share
@@ -44,6 +46,7 @@ class Variant:
     seeds: tuple = VARIANT_SEEDS  # training seeds; the same as its reference's (the pairs)
     eval_seed: int | None = None  # the starting noise of its samples (None: the scale's evaluation_seed)
     not_runnable: str = ""        # why it cannot run yet; the report lists it with this reason
+    runs_of: str = ""             # the trained variant whose runs these are (the same configuration)
     note: str = ""                # what the row shows, for the report
 
 
@@ -66,6 +69,7 @@ class Scale:
     run_minutes_allowed: float = 0  # the most a run may take, when the curve's choice needed more (0: the limit)
     curve_widths: tuple = ()      # channel tuples the budget curve trains (): the baseline's only
     curve_points_kimg: tuple = () # where the curve evaluates (): 1/4, 1/2, 1 and 2 budgets
+    curve_overrides: tuple = ()   # --set strings the curve's runs add to the baseline's (the recipe it was measured at)
     path_fixed: tuple = ()        # fields the path takes from the baseline from its first row
     tuning: tuple = ()            # (learning rate, batch) pairs of the sweep (tuning_variants)
     grid_size: str = "8x4"        # each run's grid of its first samples, COLSxROWS
@@ -83,6 +87,7 @@ SCALES = {
         run_minutes_guess=25,
         curve_widths=((16, 32, 32, 32), (16, 32, 64, 64), (32, 64, 64, 64)),
         curve_points_kimg=(12.5, 25, 50, 75, 100, 150),
+        curve_overrides=("learning_rate=0.001",),  # the curve ran before the sweep chose the baseline's 2e-3
         path_fixed=("channels", "batch_size", *SAMPLER_FIELDS),
         tuning=((5e-4, 64), (1e-3, 64), (2e-3, 64), (4e-3, 64), (1e-3, 32), (1e-3, 128)), grid_size="16x8",
         groups=("baseline", "tuning", "path", "evaluation_noise"),
@@ -143,8 +148,11 @@ def path_variants(scale, b):
             continue  # the baseline keeps the seed's value, or the scale fixed it from the start
         overrides += added
         note = ", ".join(added) or ("the seed" + (f" with {', '.join(fixed)}" if fixed else ""))
+        # Where the path reaches the baseline's configuration, its row is the baseline's runs.
+        reached = make_config("seed", overrides) == b
         rows.append(Variant(f"path_{chr(ord('A') + len(rows))}_{label}", "path", preset="seed", overrides=overrides,
-                            note=note))
+                            note=note + (" (the baseline's runs)" if reached else ""),
+                            runs_of="baseline" if reached else ""))
     sampler = differs(f for f in SAMPLER_FIELDS if f not in scale.path_fixed)
     if sampler:
         rows.append(Variant(f"path_{chr(ord('A') + len(rows))}_sampler", "path", preset="seed", overrides=sampler,

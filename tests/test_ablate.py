@@ -123,7 +123,8 @@ def test_the_cpu_path_goes_from_the_seeds_recipe_at_the_scales_width_to_its_base
     assert path[1].name == "path_B_learning_rate" and second.optimizer == "adam"
     assert dataclasses.replace(second, learning_rate=first.learning_rate) == first
     assert second.learning_rate == base.learning_rate
-    assert study.config(path[-1]) == base
+    assert study.config(path[-1]) == base and path[-1].runs_of == "baseline"  # its rows are the baseline's
+    assert not any(v.runs_of for v in path[:-1])
     tuning = [study.config(v) for v in study.variants if v.group == "tuning"]
     assert [(c.learning_rate, c.batch_size) for c in tuning] == list(study.scale.tuning)
     assert all(dataclasses.replace(c, learning_rate=base.learning_rate, batch_size=base.batch_size) == base
@@ -179,12 +180,44 @@ def test_a_typo_in_the_study_fails_when_it_loads(tmp_path):
         plan.load_study(path, "toy")
 
 
+def test_a_path_row_that_reaches_the_baseline_shows_the_baselines_runs_on_its_seeds(tmp_path):
+    """The path's last row trains what the baseline trains: it runs nothing of its own, the plan
+    runs the baseline's seeds for it, and its table row pairs the baseline's runs with the row above."""
+    path = write_study(tmp_path, '''Variant("baseline", "baseline", seeds=(0, 1, 2)),
+        Variant("path_A", "path", overrides=("norm=batch",), seeds=(0, 1)),
+        Variant("path_B", "path", seeds=(0, 1), runs_of="baseline")''')
+    study = plan.load_study(path, "toy")
+    assert [job.key for job in plan.select(study, only=["path_B"])] == [("baseline", 0), ("baseline", 1)]
+    assert [job.key for job in plan.select(study)] == [("baseline", s) for s in (0, 1, 2)] + [("path_A", 0), ("path_A", 1)]
+    setup = Setup.of(study.scale)
+    written = [fake_row(study, setup, "baseline", s, 100.0 + s) for s in (0, 1, 2)]
+    written += [fake_row(study, setup, "path_A", s, 200.0 + s) for s in (0, 1)]
+    sorted_out = rows.Rows.of(study, setup, written)
+    assert sorted_out.ok("path_B") == {s: written[s] for s in (0, 1)} and len(sorted_out.current) == 5
+    assert plan.to_do(plan.select(study), sorted_out) == ([], 5)
+    for r in written:
+        rows.append_row(tmp_path / "results.jsonl", r)
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    line = next(line for line in text.splitlines() if line.startswith("| `path_B`"))
+    assert "| `path_A` | 2 | 100.5 | x0.50 [" in line, line  # its 2 seeds against the row above, not 3
+
+    # A row that claims another's runs but trains something else fails when the study loads.
+    path = write_study(tmp_path, '''Variant("baseline", "baseline", seeds=(0, 1)),
+        Variant("path_A", "path", overrides=("norm=batch",), seeds=(0, 1), runs_of="baseline")''')
+    with pytest.raises(UserError, match="variant path_A: shows the runs of 'baseline', but its configuration"):
+        plan.load_study(path, "toy")
+
+
 # ---- the plan --------------------------------------------------------------------------------------
 
-def planned(tmp_path, *flags):
+def gpu_runner(tmp_path, *flags):
     args = ablate.parse_args("run", ["--out", str(tmp_path / "out"), "--train_dataset_directory", str(tmp_path),
                                      "--validate_dataset_directory", str(tmp_path), *flags])
-    jobs, skipped = ablate.Runner(load("gpu"), args).plan()
+    return ablate.Runner(load("gpu"), args)
+
+
+def planned(tmp_path, *flags):
+    jobs, skipped = gpu_runner(tmp_path, *flags).plan()
     return [job.key for job in jobs]
 
 
@@ -202,6 +235,19 @@ def test_shards_split_the_runs_and_keep_a_re_evaluation_with_its_run(tmp_path):
     assert planned(tmp_path, "--only", "norm_batch") == [("norm_batch", 0), ("norm_batch", 1)]  # the pairs
     with pytest.raises(UserError, match=r"--shard: '4/3' is not I/K"):
         planned(tmp_path, "--shard", "4/3")
+
+
+def test_a_bf16_study_refuses_a_cpu_that_would_emulate_bf16(tmp_path, monkeypatch):
+    """Emulated bf16 runs a CPU study 15 to 40 times slower than fp32: the runner says so before it
+    starts, and runs where the CPU has bf16 or the table is fp32."""
+    import speed
+    monkeypatch.setattr(speed, "native_bf16", lambda: False)
+    with pytest.raises(UserError, match=r"^--precision bf16 \(the gpu scale's\): this CPU \(.*\) has no native bf16"):
+        gpu_runner(tmp_path, "--device", "cpu", "--precision", "bf16").slots()
+    devices = lambda *flags: [device for _, device, _ in gpu_runner(tmp_path, "--device", "cpu", *flags).slots()]
+    assert devices("--precision", "fp32") == ["cpu", "cpu"]
+    monkeypatch.setattr(speed, "native_bf16", lambda: True)
+    assert devices("--precision", "bf16") == ["cpu", "cpu"]
 
 
 def test_a_mistyped_variant_is_one_line_that_names_the_near_ones(tmp_path):

@@ -333,6 +333,31 @@ def test_training_logs_every_record_to_visdom(visdom_trained_run):
 
 
 @pytest.mark.slow
+def test_training_previews_samples_between_validations(visdom_server, visdom_train_command, tmp_path):
+    """--preview_minutes: the samples pane shows the EMA's samples during training, long before the
+    first validation (here at epoch 100,000), so that a CPU run shows samples within minutes."""
+    run_dir = tmp_path / "preview_run"
+    process = subprocess.Popen(visdom_train_command(run_dir, visdom_server.port, "--num_epochs", 100_000,
+                                                    "--validate_every", 100_000, "--preview_minutes", 0.001),
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    samples, deadline = None, time.time() + 300
+    try:
+        while samples is None and time.time() < deadline and process.poll() is None:
+            time.sleep(1)
+            try:
+                samples = visdom_server.window("preview_run", "samples")
+            except Exception:  # the window is not there yet
+                pass
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    assert samples is not None, stderr[-3000:]
+    assert re.fullmatch(r"preview_run: EMA samples after [\d,]+ images", samples["title"])
+    assert samples["content"]["src"].startswith("data:image/png;base64,")
+    with open(run_dir / "log.jsonl") as f:
+        assert not [r for r in map(json.loads, f) if r["kind"] == "validation"]  # the samples came from a preview
+
+
 def test_training_survives_the_server_being_killed_and_restarted(visdom_server_factory, visdom_train_command, tmp_path):
     server = visdom_server_factory()
     run_dir = tmp_path / "restarted_run"
