@@ -42,6 +42,10 @@ grid starts from the same noise, whatever --num_samples.
   inside the samples' manifold (do samples cover the data?), with the same N real images as SWD. On
   Inception features when the weights are there, else on raw pixels; the table says which. Higher
   is better.
+- Background error: the mean distance from white, 0 to 255, of every image's two top corners
+  (BACKGROUND_CORNER x BACKGROUND_CORNER pixels each, every channel): DiceBear's avatars stand on
+  pure white, so their floor is 0, where samples of a short run have tinted backgrounds. Made for
+  the default data set, like the attribute network. Lower is better.
 - Memorised share: samples whose nearest training image (L2 over pixels in [0, 1], among every
   reference image) is closer than the 1st percentile of the test images' nearest-training-image
   distances. Its floor is about 0.01 by construction; far above it means the model copies training
@@ -109,10 +113,11 @@ MEMORISATION_PERCENTILE = 0.01
 FEATURE_BATCH = 200
 ATTRIBUTE_REFERENCE_MAX = 10_000  # reference images the attribute network reads (see the docstring)
 ATTRIBUTE_CONFIDENCE_PERCENTILE = 0.05
+BACKGROUND_CORNER = 3  # the side, in pixels, of each top corner that the background error reads
 CACHE_DIR = os.path.join("checkpoints", "evaluation_cache")
 # Part of the cache key: bump it whenever real_statistics computes anything differently, so that
 # files written before are recomputed rather than read.
-REAL_STATISTICS_VERSION = 1
+REAL_STATISTICS_VERSION = 2
 # The code that computes the real side, hashed into the cache's key too: an edit that forgets to
 # bump REAL_STATISTICS_VERSION still never reads numbers that the old code computed.
 def source_sha256(*names):
@@ -410,7 +415,16 @@ def set_scores(images, features, nearest, real, reference, device="cpu"):
                                                              k=K_NEAREST, device=device, real_radii=real["real_radii"])
     scores["memorised_share"], scores["nearest_train_l2_median"] = memorisation(nearest,
                                                                                 real["memorisation_threshold_l2"])
+    scores["background_error"] = background_error(images)
     return scores
+
+
+def background_error(images):
+    """The mean of 255 - value over the top-left and top-right corners' pixels and channels of
+    uint8 images N x 3 x H x W: 0 on a pure white background."""
+    c = BACKGROUND_CORNER
+    corners = torch.cat([images[:, :, :c, :c], images[:, :, :c, -c:]], dim=-1)
+    return (255 - corners.float()).mean().item()
 
 
 def precision_recall_real_set(real, reference):
@@ -871,6 +885,7 @@ ROWS = [  # key, label, format
     ("recall", "recall (k=3, {space})", ".3f"),
     ("memorised_share", "memorised share", ".4f"),
     ("nearest_train_l2_median", "nearest train image, median L2", ".3f"),
+    ("background_error", "background error (top corners, distance from white, of 255)", ".2f"),
     ("attribute_fd", "attribute FD (attribute network features)", ".3f"),
     ("attribute_tv_mean", "attribute TV, mean over heads", ".3f"),  # then one row per head
     ("attribute_mi_mean", "attribute MI (nats), mean over pairs", ".4f"),

@@ -21,6 +21,7 @@ METRICS = [  # key, label, the scale of its paired difference, lower is better
     ("attribute_tv_mean", "attribute TV", "diff", True),
     ("precision", "precision", "diff", False),
     ("recall", "recall", "diff", False),
+    ("background_error", "background error", "diff", True),
 ]
 
 
@@ -48,8 +49,8 @@ def write_report(study, folder, setup):
     lines += ["## Results", "",
               f"Each variant is compared with the run it is paired with (the baseline; for a re-evaluation the run "
               f"it re-evaluates; on the path the row above), seed by seed: the ratio of {PRIMARY} and of SWD, the "
-              f"difference of attribute TV, precision and recall, each with its 95% interval. The variance of a "
-              f"paired difference is pooled over the table's variants of one kind (training changes, "
+              f"difference of attribute TV, precision, recall and background error, each with its 95% interval. "
+              f"The variance of a paired difference is pooled over the table's variants of one kind (training changes, "
               f"re-evaluations), and each verdict is corrected by Holm's method over the table, so that a table "
               f"shows a false effect at most 5% of the time (`ablations/stats.py`). \"not significant\" means that "
               f"the change could not be told from run-to-run noise at this scale and seed count. Secondary metrics "

@@ -387,6 +387,8 @@ def test_fresh_samples_score_about_the_floor(image_sets, attribute_net_file):
     assert m["memorised_share"]["samples"] <= 0.05
     assert m["memorised_share"]["floor"] == pytest.approx(0.01, abs=0.005)  # the 1st percentile, by construction
     assert m["nearest_train_l2_median"]["samples"] == pytest.approx(m["nearest_train_l2_median"]["floor"], rel=0.1)
+    # the white of the synthetic images, noisy, and shapes that reach a corner now and then
+    assert m["background_error"]["floor"] < 10 and abs(m["background_error"]["samples"] - m["background_error"]["floor"]) < 2.5
     # the attribute network read all 1024 reference images (fewer than ATTRIBUTE_REFERENCE_MAX)
     assert result["attributes"]["reference_images"] == 1024 and result["attributes"]["heads"] == RELIABLE
     assert 0.7 < m["attribute_fd"]["samples"] / m["attribute_fd"]["floor"] < 1.4
@@ -403,6 +405,16 @@ def test_distorted_samples_score_clearly_worse_than_the_floor(image_sets, distor
     level = "32" if distortion == "blur" else "16"
     assert m[f"swd_x1e3_{level}"]["samples"] > 4 * m[f"swd_x1e3_{level}"]["floor"]
     assert m["recall"]["samples"] < m["recall"]["floor"] - 0.2
+    if distortion == "colour_shift":  # the white background turned mauve: green down by 40 of 255
+        assert m["background_error"]["samples"] > m["background_error"]["floor"] + 8
+
+
+def test_the_background_error_reads_the_top_corners_distance_from_white():
+    images = torch.full((2, 3, 32, 32), 255, dtype=torch.uint8)
+    images[:, :, 8:, :] = 0  # a dark figure below the corners does not count
+    assert evaluate.background_error(images) == 0
+    images[0, 2, :3, :3] = 155  # one corner's blue channel 100 below white, in one image of two
+    assert evaluate.background_error(images) == pytest.approx(100 * 9 / (2 * 3 * 2 * 9))
 
 
 def test_copies_of_training_images_are_memorised(image_sets):
