@@ -194,13 +194,19 @@ class VisdomLogger:
         if val_loss_ema is not None:
             self._add("loss", "validation (EMA weights)", x, _finite(val_loss_ema))
         if samples is not None:
-            self.log_samples(images_seen, samples)
+            self._set_samples(images_seen, samples)
         self._maybe_flush()
 
+    @_never_raise
     def log_samples(self, images_seen, samples):
-        """The samples pane: a grid of the EMA's samples (uint8, N x 3 x H x W) after images_seen."""
+        """The samples pane alone, between validations."""
         if self._http is None:
             return
+        self._set_samples(images_seen, samples)
+        self._maybe_flush()
+
+    def _set_samples(self, images_seen, samples):
+        """The samples pane: a grid of the EMA's samples (uint8, N x 3 x H x W) after images_seen."""
         png, (width, height) = sample_grid_png(samples)
         src = "data:image/png;base64," + base64.b64encode(png).decode()
         # The count goes in the title: visdom shows an image's caption twice.
@@ -208,7 +214,6 @@ class VisdomLogger:
         self._panes["samples"] = {"data": [{"content": {"src": src, "caption": None}, "type": "image"}],
                                   "opts": {"title": title, "width": width + 20, "height": height + 45}}
         self._dirty.add("samples")
-        self._maybe_flush()
 
     # ---- sending ----------------------------------------------------------------------------
     def flush(self, force=False, replace=False):

@@ -66,10 +66,11 @@ def write_report(study, folder, setup):
             continue
         lines += [f"### {group}", ""]
         if group == "tuning":
-            b = study.config(study.variant("baseline"))
+            base = study.variant("baseline")
+            b = study.config(base)
             lines += [f"The sweep of the learning rate and batch at the baseline's width, on seed 0. The baseline "
-                      f"(preset {study.preset(study.variant('baseline'))}) trains at learning rate "
-                      f"{b.learning_rate:g}, batch {b.batch_size}.", ""]
+                      f"(preset {study.preset(base)}) trains at learning rate {b.learning_rate:g}, batch "
+                      f"{b.batch_size}.", ""]
         lines += [*table_lines(study, rows, shown, compared), ""]
         for plot in (ratio_chart(group, shown, compared, plots), loss_curves(group, study, rows, shown, plots)):
             if plot:
