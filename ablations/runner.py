@@ -202,8 +202,9 @@ class Runner:
         return max(seconds) if seconds else 60 * self.scale.run_minutes_guess / (3 if job.variant.of else 1)
 
     def interrupt(self, message, wait=False):
-        """Stop: no new step starts, the steps under way get SIGINT (train.py writes its checkpoint);
-        wait: until they have exited (the curve, whose step ran on this thread)."""
+        """Stop: no new step starts, the steps under way get SIGTERM (train.py writes its checkpoint);
+        wait: until they have exited (the curve, whose step ran on this thread). SIGTERM, not SIGINT:
+        a study started in the background (`nohup ... &`) passes an ignored SIGINT on to its runs."""
         if self.stop.is_set():
             return
         self.stop.set()
@@ -212,7 +213,7 @@ class Runner:
             children = list(self.children)
         for child in children:
             with contextlib.suppress(OSError):
-                child.send_signal(signal.SIGINT)
+                child.send_signal(signal.SIGTERM)
         if wait:
             for child in children:
                 child.wait()

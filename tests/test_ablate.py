@@ -18,6 +18,7 @@ from PIL import Image
 
 import ablate
 from ablations import curve, plan, report, rows, stats
+from ablations import runner as runner_module
 from ablations.rows import Setup
 from cli import UserError
 from config import config_to_dict, make_config
@@ -578,6 +579,30 @@ def test_the_suggested_budget_is_where_the_curve_flattens():
 
 def results_of(out):
     return [json.loads(line) for line in open(out / "results.jsonl")]
+
+
+def test_a_stop_ends_a_run_that_ignores_sigint(tmp_path):
+    """A study started in the background (`nohup ... &`) hands its runs an ignored SIGINT, so the stop
+    (a deadline's end, SIGTERM to the study) must reach them by another signal."""
+    script = tmp_path / "run.py"
+    script.write_text("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                      "print('started', flush=True)\ntime.sleep(600)\n")
+    runner, raised = gpu_runner(tmp_path), []
+
+    def step():
+        try:
+            runner.step("run", [str(script)], str(tmp_path), (None, "cpu", 1))
+        except runner_module.Interrupted as e:
+            raised.append(e)
+    thread = threading.Thread(target=step)
+    thread.start()
+    log, deadline = tmp_path / "run.log", time.time() + 60
+    while not (log.exists() and "started" in log.read_text()):
+        assert time.time() < deadline and thread.is_alive()
+        time.sleep(0.1)
+    runner.interrupt("stopped by the test")
+    thread.join(timeout=60)
+    assert not thread.is_alive() and len(raised) == 1
 
 
 @pytest.mark.slow
