@@ -20,7 +20,7 @@ import torch
 
 from cli import UserError, atomic_write
 from config import config_from_dict, config_to_dict
-from unet import UNet
+from unet import make_network
 
 FORMAT = 1
 
@@ -137,6 +137,6 @@ def load_for_sampling(path, device, use_ema=True, **sampling):
     value. This is the one place where command-line sampler flags meet the configuration."""
     checkpoint = read(path)
     config = dataclasses.replace(saved_config(checkpoint), **{k: v for k, v in sampling.items() if v is not None})
-    model = UNet(config)
+    model = make_network(config)
     model.load_state_dict(checkpoint["ema" if use_ema else "model"])
     return model.to(device).sampling_mode(), config

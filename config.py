@@ -19,6 +19,7 @@ from cli import ArgumentParser, UserError, run_main
 @dataclass
 class Config:
     # ---- network (unet.py); defaults are the seed's -------------------------------------------
+    arch: str = "ours"              # ours (UNet, the fields below) | diffusers (diffusers' UNet2DModel, DDPM's CIFAR-10 layout)
     channels: tuple = (128, 256, 512, 1024)  # head width, then the width of each down level
     noise_cond: str = "none"        # none | film: the noise level, embedded, scales and shifts each ResBlock
     norm: str = "batch"             # batch | group | none
@@ -37,6 +38,7 @@ class Config:
     noise_sampling: str = "uniform_alpha_bar"  # uniform_alpha_bar | linear_beta_t | cosine | edm_lognormal
     target: str = "eps"             # eps | x0 | v
     loss_weighting: str = "none"    # none | min_snr_5 (Hang et al. 2023)
+    zero_terminal_snr: bool = False # the linear-beta schedule rescaled so that its last level is pure noise (Lin et al. 2024), training and sampling
     # ---- optimisation (train.py) --------------------------------------------------------------
     optimizer: str = "adam"         # adam | adamw
     learning_rate: float = 1e-5
@@ -52,9 +54,11 @@ class Config:
     sampling_schedule: str = "linear"  # linear (betas 1e-4..0.02 over 1000 steps) | cosine
     eta: float = 0.0                # DDIM's eta (0: deterministic)
     clamp_x0: bool = False          # clamp the predicted x0 to the data range at each step
+    timestep_spacing: str = "sampler"  # sampler (each sampler's own steps) | trailing (every sampler from t = 999 down in equal strides; Lin et al. 2024)
 
 
 CHOICES = {
+    "arch": ("ours", "diffusers"),
     "noise_cond": ("none", "film"),
     "norm": ("batch", "group", "none"),
     "act": ("silu", "relu", "gelu"),
@@ -70,7 +74,14 @@ CHOICES = {
     "lr_schedule": ("constant", "cosine", "linear"),
     "sampler": ("ddpm", "ddim", "dpm"),
     "sampling_schedule": ("linear", "cosine"),
+    "timestep_spacing": ("sampler", "trailing"),
 }
+
+# Fields added after the study had rows, whose default is exactly what every run did before the
+# field existed. The study's config_hash leaves such a field out while it is at its default, so that
+# adding a switch does not make every finished row stale (ablations/rows.py). Add a new field here
+# only when its default changes nothing.
+NEUTRAL_AT_DEFAULT = ("arch", "zero_terminal_snr", "timestep_spacing")
 
 # Numeric fields: (lowest, highest, whether the bounds themselves are allowed).
 RANGES = {

@@ -18,11 +18,29 @@ LINEAR_BETA_START, LINEAR_BETA_END = 1e-4, 0.02  # DDPM's linear schedule (Ho et
 
 
 @functools.lru_cache(maxsize=None)
-def linear_alpha_bar(device=None):
+def linear_alpha_bar(device=None, zero_terminal_snr=False):
     """alpha_bar_t for t = 0..999 of DDPM's linear beta schedule (one copy per device, so that the
-    training step never copies it from the host)."""
+    training step never copies it from the host). zero_terminal_snr: rescaled so that the last level
+    is pure noise, alpha_bar_999 = 0 (Lin et al. 2024, Algorithm 1: sqrt(alpha_bar) shifted to end at 0
+    and scaled to keep its first value); DDPM's own ends at 4e-5, so that some signal is left at the
+    level where sampling starts from pure noise."""
     betas = torch.linspace(LINEAR_BETA_START, LINEAR_BETA_END, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
-    return torch.cumprod(1 - betas, dim=0).float().to(device)
+    alpha_bar = torch.cumprod(1 - betas, dim=0)
+    if zero_terminal_snr:
+        root = alpha_bar.sqrt()
+        alpha_bar = ((root - root[-1]) * root[0] / (root[0] - root[-1])).square()
+    return alpha_bar.float().to(device)
+
+
+def timestep_of(alpha_bar):
+    """The step t, fractional, at which DDPM's linear schedule reaches alpha_bar: how diffusers'
+    networks are told the noise level (arch=diffusers). Levels beyond the schedule's ends take t = 0
+    or t = 999."""
+    table = linear_alpha_bar(str(alpha_bar.device))  # falling with t
+    a = alpha_bar.float().clamp(table[-1], table[0])
+    upper = torch.searchsorted(-table, -a).clamp(1, NUM_TRAIN_TIMESTEPS - 1)  # table[upper - 1] >= a >= table[upper]
+    before, after = table[upper - 1], table[upper]
+    return (upper - 1) + (before - a) / (before - after)
 
 
 def cosine_alpha_bar(t):
@@ -40,13 +58,15 @@ def sample_alpha_bar(config, n, device, generator=None):
         alpha_bar = u
     elif config.noise_sampling == "linear_beta_t":  # DDPM: t ~ U{0..999} on the linear-beta schedule
         t = (u * NUM_TRAIN_TIMESTEPS).long().clamp_(max=NUM_TRAIN_TIMESTEPS - 1)
-        alpha_bar = linear_alpha_bar(str(device))[t]
+        alpha_bar = linear_alpha_bar(str(device), config.zero_terminal_snr)[t]
     elif config.noise_sampling == "cosine":  # t ~ U[0, 1] on the cosine schedule
         alpha_bar = cosine_alpha_bar(u)
     else:  # edm_lognormal: ln sigma ~ N(-1.2, 1.2^2) (Karras et al. 2022, Table 1), alpha_bar = 1 / (1 + sigma^2)
         log_sigma = -1.2 + 1.2 * math.sqrt(2) * torch.erfinv(2 * u.clamp(1e-6, 1 - 1e-6) - 1)
         alpha_bar = torch.sigmoid(-2 * log_sigma)
-    return alpha_bar.clamp(1e-5, 1 - 1e-5)
+    # Pure noise stays pure where the schedule ends there (zero_terminal_snr); elsewhere the levels keep
+    # a little signal, as DDPM's schedule does.
+    return alpha_bar.clamp(0 if config.zero_terminal_snr else 1e-5, 1 - 1e-5)
 
 
 def add_noise(x0, eps, alpha_bar):
@@ -84,7 +104,7 @@ def loss_weight(config, alpha_bar):
     if config.loss_weighting == "none":
         return torch.ones_like(alpha_bar)
     # Min-SNR-5 (Hang et al. 2023): weight min(SNR, 5) on the x0 error, expressed for the target.
-    snr = alpha_bar / (1 - alpha_bar)
+    snr = (alpha_bar / (1 - alpha_bar)).clamp(min=1e-12)  # at pure noise (SNR 0), the weights' limits
     clipped = snr.clamp(max=5.0)
     return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[config.target]
 
@@ -120,22 +140,27 @@ def make_scheduler(config):
     scheduler sees it (see `sample`), so the scheduler is told to expect x0."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+    trailing = config.timestep_spacing == "trailing"
     common = dict(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[config.sampling_schedule],
         beta_start=LINEAR_BETA_START, beta_end=LINEAR_BETA_END,
         prediction_type="sample" if config.clamp_x0 else PREDICTION_TYPE[config.target],
+        rescale_betas_zero_snr=config.zero_terminal_snr,
     )
     if config.sampler == "ddpm":
-        scheduler = DDPMScheduler(**common, clip_sample=False, variance_type="fixed_small")
+        scheduler = DDPMScheduler(**common, clip_sample=False, variance_type="fixed_small",
+                                  timestep_spacing="trailing" if trailing else "leading")
     elif config.sampler == "ddim":
         # "linspace" runs from t = 999, the noisiest level (Lin et al. 2024, sec. 3.3), down to t = 0.
-        scheduler = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="linspace")
+        scheduler = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True,
+                                  timestep_spacing="trailing" if trailing else "linspace")
     elif config.sampler == "dpm":
         # Steps uniform in log-SNR, as the DPM-Solver papers recommend (Lu et al. 2022, sec. 3.3): uniform
         # steps in t leave too few steps at low noise, and the samples come out too smooth.
         scheduler = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                                use_lu_lambdas=True, final_sigmas_type="zero")
+                                                use_lu_lambdas=not trailing, final_sigmas_type="zero",
+                                                **({"timestep_spacing": "trailing"} if trailing else {}))
     else:
         raise ValueError(f"unknown sampler {config.sampler!r}: choose ddpm, ddim or dpm")
     scheduler.set_timesteps(config.sampling_steps)
@@ -145,7 +170,7 @@ def make_scheduler(config):
 def sampler_settings(config):
     """The sampling fields as a record for reports and logs, e.g. {"sampler": "dpm", "steps": 25, ...}."""
     return {"sampler": config.sampler, "steps": config.sampling_steps, "schedule": config.sampling_schedule,
-            "eta": config.eta, "clamp_x0": config.clamp_x0}
+            "eta": config.eta, "clamp_x0": config.clamp_x0, "timestep_spacing": config.timestep_spacing}
 
 
 def sampler_name(config):
@@ -164,7 +189,11 @@ def sample(model, config, num_images, generator=None, device="cpu", progress=Fal
     whatever the sampler."""
     scheduler = make_scheduler(config)
     device = torch.device(device)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device, copy=True)
+    if config.zero_terminal_snr:
+        # DPM-Solver keeps the last level at 2^-24 so that its own sigma stays finite; the network is
+        # told the level it was trained at there: pure noise.
+        alphas_cumprod[-1] = 0
     low, high = data_bounds(config)
     autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
     step_kwargs = dict(eta=config.eta) if config.sampler == "ddim" else {}

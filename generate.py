@@ -36,6 +36,9 @@ def add_sampler_arguments(parser):
                         help="DDIM's eta, 0 to 1 (0: deterministic, 1: like DDPM); default: the checkpoint's")
     parser.add_argument("--clamp", type=parse_bool, default=None, metavar="on|off",
                         help="clamp the predicted x0 at each step; default: the checkpoint's")
+    parser.add_argument("--timestep_spacing", choices=CHOICES["timestep_spacing"], default=None,
+                        help="sampler: each sampler's own steps; trailing: every sampler from t = 999 down in equal "
+                             "strides (Lin et al. 2024); default: the checkpoint's")
     parser.add_argument("--seed", type=random_seed, default=0,
                         help="same seed, same images, whatever --batch_size (image i has its own random stream), "
                              "except with norm=batch and bn_sampling_stats=batch, which normalise by the batch")
@@ -67,7 +70,8 @@ def config_type(field):
 def load_model(args, device):
     """The checkpoint's network and configuration, with the sampler flags applied to it."""
     return load_for_sampling(args.checkpoint, device, use_ema=not args.no_ema, sampler=args.sampler,
-                             sampling_steps=args.steps, eta=args.eta, clamp_x0=args.clamp)
+                             sampling_steps=args.steps, eta=args.eta, clamp_x0=args.clamp,
+                             timestep_spacing=args.timestep_spacing)
 
 
 def sampling_plan(args, config, device, num_images):

@@ -182,10 +182,10 @@ def probe(config, device, batch, kind, precisions, layouts=("contiguous", "chann
     """Seconds per image of each candidate '<precision>/<layout>', timed on a fresh network of
     `config` (random weights: speed does not depend on them), or read from the ledger. The
     caller's random streams are left untouched."""
-    from unet import UNet
+    from unet import make_network
     batch = min(batch, PROBE_BATCH) if kind == "train" else batch
     with torch.random.fork_rng(devices=[]):
-        model = UNet(config)
+        model = make_network(config)
     ledger = Ledger(device, "probe", kind, repr(model), batch)
     timings = ledger.get("timings", {})
     missing = [f"{p}/{layout}" for p in precisions for layout in layouts if f"{p}/{layout}" not in timings]

@@ -35,7 +35,7 @@ from diffusion import sample, sample_alpha_bar, training_loss, validation_loss
 from plot_log import draw_loss_curve, read_log
 from speed import (PROBE_BATCH, CompileLedger, Plan, autocast, choose_plan, compile_blocks, compile_plan, cpp_compiler,
                    machine, sampling_batch, time_network)
-from unet import UNet, check_network, count_parameters, forward_flops
+from unet import check_network, count_parameters, forward_flops, make_network
 from visdom_logger import VisdomLogger
 
 
@@ -251,7 +251,7 @@ def build_state(config, procs, seed, plan):
     """A fresh model in the plan's layout, its EMA, the optimiser and the training noise generator,
     each random stream seeded from --seed by its purpose (stream_seed)."""
     torch.manual_seed(stream_seed(seed, "init"))
-    model = plan.apply(UNet(config).to(procs.device))
+    model = plan.apply(make_network(config).to(procs.device))
     # Dropout draws from torch's global generator; re-seeded here, its masks do not depend on how
     # many draws the network's shape took to initialise it.
     torch.manual_seed(stream_seed(seed, "dropout"))

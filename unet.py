@@ -66,6 +66,11 @@ def check_network(config, image_size):
     if unused:
         raise ConfigError(f"--set attention={config.attention}: the network has no resolution {unused[0]}; with channels "
                           f"{config.channels} it has {', '.join(map(str, resolutions))}")
+    if config.arch == "diffusers" and (config.noise_cond, config.norm) != ("film", "group"):
+        # UNet2DModel is always told the noise level and always normalises by groups; its down, up, tail
+        # and initialisation are its own, whatever those fields say (DiffusersUNet).
+        raise ConfigError(f"--set arch=diffusers: UNet2DModel is told the noise level and uses GroupNorm; it cannot "
+                          f"run with noise_cond={config.noise_cond}, norm={config.norm}")
 
 
 # ---- building blocks ---------------------------------------------------------------------------
@@ -221,6 +226,42 @@ class UNet(nn.Module):
         return self
 
 
+class DiffusersUNet(nn.Module):
+    """arch=diffusers: diffusers' own UNet2DModel, the peer of our UNet, in the layout of DDPM's
+    CIFAR-10 network (Ho et al. 2020; diffusers' google/ddpm-cifar10-32): one level per width of
+    config.channels, each with two ResBlocks, GroupNorm, a strided-conv down and a nearest-plus-conv
+    up, self-attention at the resolutions of config.attention (DDPM's: 16), and a sinusoidal timestep
+    embedding added in every ResBlock. It takes config.channels, attention, dropout and act; down, up,
+    tail, zero_init and bn_sampling_stats describe our UNet and are not used, and check_network
+    refuses noise_cond and norm values it cannot follow. It is told the noise level as diffusers'
+    networks expect: the step of DDPM's linear schedule at that level (diffusion.timestep_of)."""
+
+    def __init__(self, config, image_size=32):
+        super().__init__()
+        from diffusers import UNet2DModel
+        check_network(config, image_size)
+        self.config = config
+        attention = [image_size >> level in config.attention for level in range(len(config.channels))]
+        self.unet = UNet2DModel(
+            sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=config.channels,
+            layers_per_block=2, norm_num_groups=math.gcd(32, *config.channels), dropout=config.dropout,
+            act_fn=config.act,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)))
+
+    def forward(self, x, alpha_bar):
+        from diffusion import timestep_of
+        return self.unet(x, timestep_of(alpha_bar)).sample
+
+    def sampling_mode(self):
+        return self.eval()  # no BatchNorm: only dropout changes
+
+
+def make_network(config, image_size=32):
+    """The denoiser that config.arch names."""
+    return DiffusersUNet(config, image_size) if config.arch == "diffusers" else UNet(config, image_size)
+
+
 def zero_init_(model):
     """The untrained network outputs exactly 0, and each residual branch (ResBlock, attention)
     adds exactly 0, as in DDPM and ADM (Ho et al. 2020; Dhariwal & Nichol 2021, zero_module).
@@ -267,7 +308,7 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true", help="print every module")
     args = parser.parse_args(argv)
     config = make_config(args.preset, args.set)
-    model = UNet(config)
+    model = make_network(config)
     if args.full:
         print(model)
     print(f"preset {args.preset}: channels {config.channels}, noise_cond {config.noise_cond}, norm {config.norm}, "

@@ -4,7 +4,8 @@ still describe the study as it is now.
 A row records its provenance: the commit, `dirty` (how many files, tracked or untracked, differed
 from it, the study's own output folder left out), torch, the machine, and two hashes:
 - config_hash, of everything that makes the variant what it is: its preset resolved to a full
-  configuration (every field, the sampler's included), the run it re-evaluates and its starting noise;
+  configuration (every field, the sampler's included, but for a later switch still at the default
+  that changes nothing: config.NEUTRAL_AT_DEFAULT), the run it re-evaluates and its starting noise;
 - setup_hash, of what every row of one table shares: the budget, the samples per evaluation, the
   evaluation seed and the precision (Setup).
 A row is current when both match the study file and the command line. Rows of another setup (say
@@ -23,7 +24,7 @@ import os
 import subprocess
 import sys
 
-from config import config_to_dict
+from config import NEUTRAL_AT_DEFAULT, Config, config_to_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,9 +53,12 @@ def digest(value):
 
 def config_hash(study, variant):
     """The hash of the variant as the study file defines it now (see the module docstring)."""
+    config = config_to_dict(study.config(variant))
+    for name in NEUTRAL_AT_DEFAULT:  # a switch added later changes no hash while it is at its default
+        if config[name] == getattr(Config, name):
+            del config[name]
     return digest({"preset": study.preset(study.variant(variant.of) if variant.of else variant),
-                   "config": config_to_dict(study.config(variant)), "of": variant.of or None,
-                   "eval_seed": variant.eval_seed})
+                   "config": config, "of": variant.of or None, "eval_seed": variant.eval_seed})
 
 
 def provenance(out):

@@ -43,7 +43,8 @@ RUNS_PER_GPU = 1
 # itself ran 1.09x (88 against 81 img/s). Two runs at once, until the study's own scale measures better
 # (--runs_per_gpu overrides it; the study's scales pin fp32, not measured at 2 x 1 yet).
 RUNS_PER_CPU = 2
-SAMPLER_FLAGS = {"sampler": "--sampler", "sampling_steps": "--steps", "eta": "--eta", "clamp_x0": "--clamp"}
+SAMPLER_FLAGS = {"sampler": "--sampler", "sampling_steps": "--steps", "eta": "--eta", "clamp_x0": "--clamp",
+                 "timestep_spacing": "--timestep_spacing"}
 LOG_EVERY = 10  # steps between the logged losses that draw the loss curves (each costs a host sync)
 
 

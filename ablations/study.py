@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from config import CHOICES, CPU_PRESET, make_config
 
 GROUPS = ("baseline", "tuning", "path", "one_at_a_time", "sampling", "peer", "evaluation_noise")
-SAMPLER_FIELDS = ("sampler", "sampling_steps", "eta", "clamp_x0")  # what a re-evaluation may change
+SAMPLER_FIELDS = ("sampler", "sampling_steps", "eta", "clamp_x0", "timestep_spacing")  # what a re-evaluation may change
 BASELINE_SEEDS = (0, 1, 2, 3, 4)  # 5: the baseline's spread, and the pairs of every variant
 VARIANT_SEEDS = (0, 1)            # at least 2, so that every variant has a paired difference to pool
 EVALUATION_NOISE_SEEDS = 4        # the baseline's seed 0 scored from this many other starting noises
@@ -90,7 +90,7 @@ SCALES = {
         curve_overrides=("learning_rate=0.001",),  # the curve ran before the sweep chose the baseline's 2e-3
         path_fixed=("channels", "batch_size", *SAMPLER_FIELDS),
         tuning=((5e-4, 64), (1e-3, 64), (2e-3, 64), (4e-3, 64), (1e-3, 32), (1e-3, 128)), grid_size="16x8",
-        groups=("baseline", "tuning", "path", "evaluation_noise"),
+        groups=("baseline", "tuning", "path", "evaluation_noise", "one_at_a_time", "sampling", "peer"),
         budget_note="chosen by the curve below (2026-12-02, AMD EPYC, 2 cores): of the runs of at most 10 minutes, "
                     "the best was width 16-32-64-64 at 50 kimg (9.2 minutes), 23x its floor, short of the goal of "
                     "10x; so runs may take up to 15 minutes, and the best within them is the same width at 75 kimg "
@@ -197,6 +197,8 @@ def one_at_a_time_variants(b):
         *[(f"noise_sampling_{n}", [f"noise_sampling={n}"]) for n in CHOICES["noise_sampling"] if n != b.noise_sampling],
         *[(f"target_{t}", [f"target={t}"]) for t in CHOICES["target"] if t != b.target],
         ("loss_weighting_min_snr_5", ["loss_weighting=min_snr_5"]),
+        # Lin et al. 2024's fix of the schedule, which never reaches pure noise: all three of its parts.
+        ("zero_terminal_snr", ["zero_terminal_snr=true", "target=v", "timestep_spacing=trailing"]),
         *[(f"optimizer_{o}", [f"optimizer={o}"]) for o in CHOICES["optimizer"] if o != b.optimizer],
         ("lr_x0.5", [setting("learning_rate", b.learning_rate / 2)]),
         ("lr_x2", [setting("learning_rate", b.learning_rate * 2)]),
@@ -226,7 +228,29 @@ def sampling_variants(b):
                                     overrides=(f"sampler={sampler}", f"sampling_steps={steps}")))
         rows.append(Variant(f"{of}_clamp_{'off' if b.clamp_x0 else 'on'}", "sampling", of=of,
                             overrides=(setting("clamp_x0", not b.clamp_x0),)))
+        rows.append(Variant(f"{of}_trailing", "sampling", of=of, overrides=("timestep_spacing=trailing",),
+                            note="the sampler's steps from t = 999 down in equal strides (Lin et al. 2024)"))
     return rows
+
+
+# ---- peer: diffusers' UNet2DModel (DDPM's CIFAR-10 layout) at the baseline's widths -----------------
+
+def peer_variants():
+    """diffusers' own network, trained by our loop: with our recipe, and with the recipe of diffusers'
+    example train_unconditional.py as far as our fields reach (AdamW 1e-4, weight decay 1e-6, 500
+    warm-up steps, cosine decay). Its EMA warms up (decay 1 - (1 + step)^-3/4, at most 0.9999) and its
+    Adam has beta1 0.95, which our fields cannot say; the fixed ema_decay is the value its EMA reaches
+    near the end of a cpu-scale run (0.995 at step 1,172)."""
+    layout = ("arch=diffusers", "attention=(16,)")
+    return [
+        Variant("peer_diffusers_unet2d", "peer", overrides=layout,
+                note="diffusers' UNet2DModel, DDPM's CIFAR-10 layout, with our recipe"),
+        Variant("peer_diffusers_unet2d_example_recipe", "peer",
+                overrides=(*layout, "learning_rate=0.0001", "weight_decay=1e-06", "warmup_steps=500",
+                           "lr_schedule=cosine", "ema_decay=0.995"),
+                note="the same network with diffusers' example recipe (train_unconditional.py), as far as our "
+                     "fields reach"),
+    ]
 
 
 def variants(scale):
@@ -239,9 +263,7 @@ def variants(scale):
         *tuning_variants(scale),
         *one_at_a_time_variants(b),
         *sampling_variants(b),
-        Variant("peer_diffusers_unet2d", "peer",
-                not_runnable="no architecture option for diffusers' UNet2DModel yet (config.py has no such field)",
-                note="diffusers' UNet2DModel in its DDPM CIFAR-10 configuration, trained by train.py"),
+        *peer_variants(),
         *[Variant(f"evaluation_noise_{k}", "evaluation_noise", of="baseline", seeds=(0,),
                   eval_seed=scale.evaluation_seed + k, note=f"baseline seed 0, starting noise {scale.evaluation_seed + k}")
           for k in range(1, EVALUATION_NOISE_SEEDS + 1)],

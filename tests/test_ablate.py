@@ -24,7 +24,7 @@ from cli import UserError
 from config import config_to_dict, make_config
 from testkit import PYTHON, REPO, make_avatar_folder, run
 
-SAMPLER_KEYS = ("sampler", "sampling_steps", "sampling_schedule", "eta", "clamp_x0")
+SAMPLER_KEYS = ("sampler", "sampling_steps", "sampling_schedule", "eta", "clamp_x0", "timestep_spacing")
 
 
 SMALL_PARAMETERS = 1_172_995  # preset small, the cpu scale's baseline
@@ -139,14 +139,20 @@ def test_the_study_has_what_the_issue_lists():
     assert {"noise_cond_none", "norm_batch", "norm_batch_batch_stats", "attention_16_8", "width_half", "width_double",
             "target_v", "lr_x0.5", "lr_x2", "ema_0.9999", "batch_128", "batch_460", "baseline_ddpm_1000",
             "noise_cond_none_dpm_10", "baseline_clamp_off"} <= names
-    assert study.variant("peer_diffusers_unet2d").not_runnable
+    peers = [study.config(v) for v in study.variants if v.group == "peer"]
+    assert len(peers) == 2 and all(c.arch == "diffusers" and c.attention == (16,) for c in peers)
+    assert not any(v.not_runnable for v in study.variants)
+    lin = study.config(study.variant("zero_terminal_snr"))  # all three parts of Lin et al.'s fix at once
+    assert (lin.zero_terminal_snr, lin.target, lin.timestep_spacing) == (True, "v", "trailing")
+    assert study.config(study.variant("baseline_trailing")).timestep_spacing == "trailing"
     assert {v.group for v in study.variants} == set(study.groups) - {"tuning"}  # the gpu scale sweeps nothing yet
     toy = load("toy")
     assert toy.preset(toy.variant("baseline")) == "tiny" and len(toy.variants) < len(study.variants)
     cpu = load("cpu")  # the issue's CPU scale: the default's recipe at a CPU's width, 2,000 samples, 16x8 grids
     assert cpu.preset(cpu.variant("baseline")) == "small" and cpu.scale.num_samples >= 2000
     assert (cpu.scale.precision, cpu.scale.grid_size, cpu.scale.run_minutes_limit) == ("bf16", "16x8", 10)
-    assert {v.group for v in cpu.variants} == {"baseline", "tuning", "path", "evaluation_noise"}
+    assert {v.group for v in cpu.variants} == set(study.groups)
+    assert len([v for v in cpu.variants if v.group == "sampling"]) >= 18
     assert len(cpu.scale.curve_widths) >= 2
 
 
@@ -280,6 +286,22 @@ def fake_row(study, setup, name, seed, fd, status="ok", **fields):
                         "attribute_tv_mean": metric(0.1 + fd / 1e4, 0.02), "precision": metric(0.5, 0.7),
                         "recall": metric(0.4, 0.7)} if status == "ok" else None,
             **{k: v for k, v in fields.items() if k != "tag"}}
+
+
+def test_a_switch_added_later_changes_no_hash_at_its_default():
+    """Rows written before arch, zero_terminal_snr and timestep_spacing existed stay current
+    (config.NEUTRAL_AT_DEFAULT); a variant that sets one of them is another variant."""
+    from config import NEUTRAL_AT_DEFAULT
+    study = load("cpu")
+    baseline = study.variant("baseline")
+    before = config_to_dict(study.config(baseline))  # the configuration as it was hashed before the switches
+    for name in NEUTRAL_AT_DEFAULT:
+        del before[name]
+    assert rows.config_hash(study, baseline) == rows.digest(
+        {"preset": study.preset(baseline), "config": before, "of": None, "eval_seed": None})
+    for setting in ("arch=diffusers", "zero_terminal_snr=true", "timestep_spacing=trailing"):
+        other = dataclasses.replace(baseline, overrides=(setting,))
+        assert rows.config_hash(study, other) != rows.config_hash(study, baseline), setting
 
 
 def test_a_row_cut_short_by_a_crash_costs_no_other_row(tmp_path, capsys):
@@ -459,7 +481,6 @@ def test_the_report_without_rows_lists_every_variant_as_not_yet_run(tmp_path):
         assert f"`{v.name}`" in not_run, v.name
     assert "    bash ablate.sh curve && bash ablate.sh --only baseline,path_A_seed\n" in not_run
     assert "  - `baseline` (seeds 0, 1, 2, 3, 4): preset default" in not_run
-    assert "`peer_diffusers_unet2d`: not runnable yet: no architecture option" in not_run
     assert "**Budget: 500 thousand images seen**" in text and "Not measured yet: `bash ablate.sh curve`" in text
     assert "- **Evaluation noise**: not measured yet (`bash ablate.sh --group evaluation_noise`)." in text
 

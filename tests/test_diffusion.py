@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from config import make_config
-from diffusion import (add_noise, cosine_alpha_bar, linear_alpha_bar, loss_weight, make_scheduler, sample,
+from diffusion import (add_noise, cosine_alpha_bar, linear_alpha_bar, loss_weight, make_scheduler, sample, timestep_of,
                        sample_alpha_bar, target_of, training_loss, x0_and_eps_of)
 
 
@@ -177,3 +177,52 @@ def test_an_unknown_sampler_is_refused_not_replaced():
     # config_from_dict and dataclasses.replace skip config.py's checks; the scheduler is the last gate.
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         make_scheduler(dataclasses.replace(make_config("tiny"), sampler="euler"))
+
+
+# ---- zero terminal SNR and trailing steps (Lin et al. 2024) ----------------------------------------
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+def test_the_zero_terminal_snr_schedule_is_diffusers_rescaled_one(sampler):
+    """Training's table and every sampler's schedule are one schedule: DDPM's linear one, rescaled so
+    that its last level is pure noise and its first is unchanged."""
+    ours = linear_alpha_bar(None, True)
+    assert ours[-1].item() == 0 and ours[0].item() == linear_alpha_bar()[0].item()
+    assert (ours[1:] < ours[:-1]).all()
+    config = make_config("small", ["zero_terminal_snr=true", "target=v", f"sampler={sampler}"])
+    theirs = make_scheduler(config).alphas_cumprod
+    # diffusers keeps DPM-Solver's last level at 2^-24, so that its sigma is finite
+    assert torch.allclose(theirs[:-1], ours[:-1], rtol=1e-4, atol=1e-6) and theirs[-1].item() <= 2 ** -24
+    draws = sample_alpha_bar(config, 20000, "cpu", torch.Generator().manual_seed(0))
+    assert draws.min().item() == 0 and torch.isin(draws, ours.clamp(max=1 - 1e-5)).all()
+    off = sample_alpha_bar(dataclasses.replace(config, zero_terminal_snr=False), 20000, "cpu", torch.Generator().manual_seed(0))
+    assert off.min().item() >= 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+def test_trailing_steps_start_from_pure_noise_and_the_network_is_told_so(sampler):
+    config = make_config("small", ["zero_terminal_snr=true", "target=v", f"sampler={sampler}", "sampling_steps=10",
+                                   "timestep_spacing=trailing"])
+    model = Recorder()
+    x = sample(model, config, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+    assert len(model.seen) == 10 and model.seen[0] == 0 and all(a > 0 for a in model.seen[1:])
+    assert list(make_scheduler(config).timesteps[:2]) == [999, 899]  # trailing: 999, 899, ..., 99
+    # Each sampler's own spacing is unchanged: DDPM's leading steps start at 900, not at pure noise.
+    own = make_scheduler(dataclasses.replace(config, timestep_spacing="sampler")).timesteps
+    assert (own[0].item() == 900) == (sampler == "ddpm")
+
+
+def test_min_snr_weights_are_their_limits_at_pure_noise():
+    alpha_bar = torch.tensor([0.0, 0.5])
+    for target, at_zero in (("eps", 1.0), ("x0", 0.0), ("v", 0.0)):
+        weight = loss_weight(make_config("tiny", ["loss_weighting=min_snr_5", f"target={target}"]), alpha_bar)
+        assert torch.isfinite(weight).all() and weight[0].item() == pytest.approx(at_zero, abs=1e-9), target
+
+
+def test_timestep_of_inverts_the_linear_schedule():
+    table = linear_alpha_bar()
+    t = torch.tensor([0, 1, 10, 500, 998, 999])
+    assert torch.allclose(timestep_of(table[t]), t.float(), atol=1e-3)
+    between = timestep_of((table[10:11] + table[11:12]) / 2)
+    assert 10 < between.item() < 11
+    assert timestep_of(torch.tensor([1.0, 0.0])).tolist() == [0.0, 999.0]  # beyond the ends

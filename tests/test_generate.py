@@ -144,3 +144,22 @@ def test_an_output_folder_below_a_file_is_a_one_line_error(checkpoint, tmp_path)
     assert result.returncode == 2
     assert one_line_error(result).startswith(
         f"error: --generated_image_save_dir {tmp_path / 'a_file' / 'grids'}: cannot create this folder")
+
+
+def test_diffusers_unet2dmodel_trains_and_samples_like_any_checkpoint(tmp_path, capsys):
+    """arch=diffusers through train.py, then generate.py: the checkpoint holds UNet2DModel's weights
+    and load_for_sampling builds it again."""
+    import torch
+    from checkpoint import load_for_sampling
+    from unet import DiffusersUNet
+    images = make_avatar_folder(tmp_path / "train", 16)
+    result = run_script("train.py", *tiny_train_args(images, images, str(tmp_path / "run"), "--max_steps", 20,
+                                                     "--num_epochs", 100, "--validate_every", 100,
+                                                     "--set", "arch=diffusers", "--set", "attention=(16,)"))
+    assert result.returncode == 0, result.stderr
+    model, config = load_for_sampling(tmp_path / "run" / "latest_model.pth", "cpu")
+    assert isinstance(model, DiffusersUNet) and config.arch == "diffusers" and not model.training
+    saved = torch.load(tmp_path / "run" / "latest_model.pth", weights_only=True)
+    assert any(key.startswith("unet.down_blocks.1.attentions") for key in saved["ema"])
+    generate_in_process(tmp_path / "run" / "latest_model.pth", tmp_path / "out", capsys, "--n", 4, "--m", 2)
+    assert Image.open(next((tmp_path / "out").glob("*.png"))).size == (4 * 32, 2 * 32)

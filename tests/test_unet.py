@@ -277,3 +277,46 @@ def test_the_deepest_network_and_attention_at_any_width_run():
         model = UNet(make_config("tiny", overrides))
         out = model(torch.randn(2, 3, 32, 32), torch.full((2,), 0.5))
         assert out.shape == (2, 3, 32, 32)
+
+
+# ---- arch=diffusers: diffusers' own UNet2DModel, the peer --------------------------------------------
+
+def test_arch_diffusers_is_unet2dmodel_in_ddpms_cifar10_layout():
+    from diffusers import UNet2DModel
+    from unet import DiffusersUNet, make_network
+    config = make_config("small", ["arch=diffusers", "attention=(16,)"])
+    model = make_network(config)
+    assert isinstance(model, DiffusersUNet) and isinstance(model.unet, UNet2DModel)
+    assert isinstance(make_network(make_config("small")), UNet)
+    unet = model.unet.config
+    assert tuple(unet.block_out_channels) == config.channels == (16, 32, 64, 64) and unet.layers_per_block == 2
+    assert tuple(unet.down_block_types) == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")  # 16x16
+    assert tuple(unet.up_block_types) == ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    assert unet.time_embedding_type == "positional" and unet.dropout == config.dropout and unet.act_fn == "silu"
+    assert count(model, nn.GroupNorm) > 0 and count(model, nn.BatchNorm2d) == 0
+    assert 1_000_000 < count_parameters(model) < 2_000_000
+
+
+def test_arch_diffusers_is_told_the_step_of_its_own_schedule():
+    """The noise level reaches UNet2DModel as the step t of DDPM's linear schedule at that level,
+    and changes the output."""
+    from diffusion import linear_alpha_bar
+    from unet import make_network
+    torch.manual_seed(0)
+    model = make_network(make_config("small", ["arch=diffusers", "attention=(16,)"])).eval()
+    seen = []
+    model.unet.time_proj.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].tolist()))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        quiet = model(x, linear_alpha_bar()[torch.tensor([3, 3])])
+        noisy = model(x, linear_alpha_bar()[torch.tensor([900, 900])])
+    assert seen[0] == pytest.approx([3, 3], abs=1e-3) and seen[1] == pytest.approx([900, 900], abs=1e-3)
+    assert not torch.allclose(quiet, noisy)
+
+
+@pytest.mark.parametrize("overrides", [["noise_cond=none"], ["norm=batch"], ["norm=none"]])
+def test_arch_diffusers_refuses_what_unet2dmodel_cannot_do(overrides):
+    from config import ConfigError
+    from unet import make_network
+    with pytest.raises(ConfigError, match="--set arch=diffusers: UNet2DModel is told the noise level and uses GroupNorm"):
+        make_network(make_config("small", ["arch=diffusers", *overrides]))
