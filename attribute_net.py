@@ -12,7 +12,6 @@ The weights are ours: train_attribute_net.py trains them, and models/attribute_n
 precision, loaded with weights_only=True, its sha256 checked against models/attribute_net.pt.sha256)
 is committed.
 """
-import hashlib
 import os
 
 import sys
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from cli import UserError, atomic_write
+from cli import UserError, atomic_write, check_sha256, write_sha256
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "attribute_net.pt")
 FORMAT = "attribute_net/1"
@@ -93,11 +92,6 @@ def read_images(net, images_uint8, device="cpu", batch_size=500, desc=None):
 
 # ---- the weights file: one small file, weights_only, with its sha256 beside it -------------------
 
-def sha256_of(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def save(path, net, info):
     """Half-precision weights, the classes and `info` (accuracies, reliable heads, how it was
     trained) in one file; its sha256 in path + ".sha256"."""
@@ -105,8 +99,7 @@ def save(path, net, info):
     with atomic_write(path) as f:
         torch.save({"format": FORMAT, "classes": net.classes, "width": net.trunk[0].out_channels,
                     "state_dict": state, "info": info}, f)
-    with atomic_write(path + ".sha256", "w") as f:
-        f.write(f"{sha256_of(path)}  {os.path.basename(path)}\n")
+    write_sha256(path)
 
 
 def load(path=WEIGHTS, device="cpu"):
@@ -114,10 +107,7 @@ def load(path=WEIGHTS, device="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no attribute network here; it is committed with the repository "
                         f"(git checkout models/), or train one with python train_attribute_net.py")
-    recorded = open(path + ".sha256").read().split()[0] if os.path.isfile(path + ".sha256") else None
-    if recorded != sha256_of(path):
-        raise UserError(f"{path}: its sha256 does not match {path}.sha256; the file is damaged or was replaced: "
-                        f"restore it (git checkout models/) or retrain with python train_attribute_net.py")
+    check_sha256(path, "restore it (git checkout models/) or retrain with python train_attribute_net.py")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

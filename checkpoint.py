@@ -14,15 +14,20 @@ good file, and training does not wait for the disk.
 """
 import dataclasses
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from cli import UserError, atomic_write
+from cli import UserError, atomic_write, check_sha256, write_sha256
 from config import config_from_dict, config_to_dict
 from unet import make_network
 
 FORMAT = 1
+LATEST = os.path.join("checkpoints", "latest_model.pth")  # train.py's, in its default --model_checkpoint_dir
+# A model to sample without training first: a checkpoint that holds only its EMA weights, in half
+# precision, with `info` on how it was trained (tools/export_pretrained.py), and its sha256 beside it.
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "pretrained_small.pth")
 
 
 @dataclasses.dataclass
@@ -131,12 +136,38 @@ def saved_config(checkpoint):
     return config_from_dict(checkpoint["config"])
 
 
+def sampling_checkpoint(path):
+    """The checkpoint generate.py and evaluate.py sample: `path` when given; else checkpoints/
+    latest_model.pth once training has written it; else the committed pretrained model, its sha256
+    checked first, and said in one line."""
+    if path:
+        return path
+    if os.path.exists(LATEST) or not os.path.exists(PRETRAINED):
+        return LATEST  # read() says what to do when it is missing
+    shown = os.path.relpath(PRETRAINED)
+    check_sha256(shown, f"restore it with git checkout {shown}, or train a model with bash train_UNet.sh")
+    print(f"no {LATEST} yet (bash train_UNet.sh trains one): sampling the pretrained model {shown}")
+    return PRETRAINED
+
+
+def export_pretrained(source, path, info):
+    """Write `source`'s EMA weights as a pretrained model (see PRETRAINED): half precision, its
+    configuration, steps and training time, and `info`; its sha256 in path + ".sha256"."""
+    checkpoint = read(source)
+    write(path, {"format": FORMAT, "config": checkpoint["config"], "preset": checkpoint["preset"],
+                 "ema": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["ema"].items()},
+                 "step": checkpoint["step"], "train_seconds": checkpoint.get("train_seconds"), "info": info})
+    write_sha256(path)
+
+
 def load_for_sampling(path, device, use_ema=True, **sampling):
     """(network, configuration) of a checkpoint, ready to sample. Keyword arguments override the
     saved sampling fields, for example sampler="ddim", sampling_steps=50; None keeps the saved
     value. This is the one place where command-line sampler flags meet the configuration."""
     checkpoint = read(path)
     config = dataclasses.replace(saved_config(checkpoint), **{k: v for k, v in sampling.items() if v is not None})
+    if not use_ema and "model" not in checkpoint:
+        raise UserError(f"{path}: a pretrained model holds only its EMA weights; drop --no_ema")
     model = make_network(config)
-    model.load_state_dict(checkpoint["ema" if use_ema else "model"])
+    model.load_state_dict(checkpoint["ema" if use_ema else "model"])  # half-precision weights become float32
     return model.to(device).sampling_mode(), config

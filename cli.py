@@ -8,6 +8,7 @@ as one line and exits 2, flag checks, the device picker, and the atomic file wri
 """
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 import sys
@@ -169,3 +170,28 @@ def atomic_write(path, mode="wb", fsync=False):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+# ---- committed weights: one small file with its sha256 beside it -----------------------------------
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_sha256(path):
+    """path + ".sha256", in sha256sum's format (`sha256sum -c` checks it)."""
+    with atomic_write(path + ".sha256", "w") as f:
+        f.write(f"{sha256_of(path)}  {os.path.basename(path)}\n")
+
+
+def check_sha256(path, remedy):
+    """A one-line UserError, ending in `remedy`, unless the file's sha256 is the one recorded beside it:
+    a damaged or replaced file of weights is never used silently."""
+    recorded = open(path + ".sha256").read().split()[0] if os.path.isfile(path + ".sha256") else None
+    if recorded is None:
+        raise UserError(f"{path}: no {path}.sha256 beside it to check it against; {remedy}")
+    if recorded != sha256_of(path):
+        raise UserError(f"{path}: its sha256 does not match {path}.sha256; the file is damaged or was replaced: "
+                        f"{remedy}")
+

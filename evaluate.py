@@ -97,8 +97,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import attribute_net
+from checkpoint import sampling_checkpoint
 from cli import (ArgumentParser, UserError, atomic_write, make_folder, output_file, pick_device, positive_int,
-                 random_seed, run_main)
+                 random_seed, run_main, sha256_of)
 from config import config_to_dict
 from dataset import DatasetError, load_image_folder
 from diffusion import sampler_settings
@@ -143,8 +144,10 @@ def main(argv=None):
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="generate --num_samples images with this checkpoint, then evaluate them")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="generate --num_samples images with this checkpoint, then evaluate them "
+                                             "(the default: checkpoints/latest_model.pth, or, before any training, "
+                                             "the pretrained model in models/)")
     source.add_argument("--image_dir", help="evaluate the 32x32 images of this folder as they are")
     parser.add_argument("--reference_dir", default="images/train_images_downsample",
                         help="the real images the samples are compared with (default: the train set)")
@@ -193,6 +196,8 @@ def grid_size(text):
 def run(args):
     if args.num_samples < 2:
         raise UserError(f"--num_samples {args.num_samples}: need at least 2 images")
+    if not args.image_dir:
+        args.checkpoint = sampling_checkpoint(args.checkpoint)
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise UserError(f"--checkpoint {args.checkpoint}: no such file")
     if args.output_json:
@@ -271,7 +276,7 @@ def run(args):
     report.update(evaluate(samples, real, reference, device=device, inception=inception, attributes=attributes))
     if attributes is not None:  # the numbers hold for these weights only
         report["attributes"]["weights"] = {"path": args.attribute_net,
-                                           "sha256": attribute_net.sha256_of(args.attribute_net)}
+                                           "sha256": sha256_of(args.attribute_net)}
     report["notes"] = notes
     return report
 
@@ -447,7 +452,7 @@ def real_statistics_key(reference, test, n, subset_seed, inception_weights, attr
     hashed decoded (150 MB of uint8 in well under a second): exact, whatever the files' names,
     formats or dates. Weights are given as file paths, or None where a network is not used."""
     def file_sha256(path):
-        return attribute_net.sha256_of(path) if path else None
+        return sha256_of(path) if path else None
 
     return {"version": REAL_STATISTICS_VERSION, "code": CODE_SHA256,
             "reference": images_sha256(reference), "test": images_sha256(test),

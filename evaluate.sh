@@ -3,8 +3,13 @@
 #   bash evaluate.sh --checkpoint checkpoints/latest_model.pth              # generates 10,000 images first
 #   bash evaluate.sh --image_dir my_samples --output_json eval.json
 # Paths are relative to the repository root.
+# Without --checkpoint or --image_dir: checkpoints/latest_model.pth, or before any training the
+# pretrained model in models/. Set-up first, as every script here does.
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=python3
-[ -x .venv/bin/python ] && PYTHON=.venv/bin/python
-exec "$PYTHON" evaluate.py "$@"
+bash install.sh
+case " $* " in
+    *" --reference_dir"* | *" --test_dir"*) ;;
+    *) bash images/make_default_dataset.sh ;;  # the default real images (seconds when they are complete)
+esac
+exec .venv/bin/python evaluate.py "$@"

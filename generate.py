@@ -15,7 +15,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_for_sampling
+from checkpoint import load_for_sampling, sampling_checkpoint
 from cli import (ArgumentParser, UserError, atomic_write, compile_cache_dir, make_folder,
                  parse_bool, pick_device, positive_int, random_seed, run_main)
 from config import CHOICES, ConfigError, parse_value
@@ -162,7 +162,8 @@ def main(argv=None):
     parser.add_argument("--generated_image_save_dir", default="generated")
     parser.add_argument("--n", type=positive_int, default=8, help="columns")
     parser.add_argument("--m", type=positive_int, default=4, help="rows")
-    parser.add_argument("--checkpoint", default="checkpoints/latest_model.pth")
+    parser.add_argument("--checkpoint", help="default: checkpoints/latest_model.pth, or, before any training, the "
+                                             "pretrained model in models/ (checkpoint.sampling_checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing grid of the same size")
     add_sampler_arguments(parser)
     args = parser.parse_args(argv)
@@ -172,6 +173,7 @@ def main(argv=None):
         raise UserError(f"{path} exists: pass --overwrite to replace it, or another --generated_image_save_dir")
 
     device = pick_device(args.device)
+    args.checkpoint = sampling_checkpoint(args.checkpoint)
     model, config = load_model(args, device)
     make_folder(args.generated_image_save_dir, "--generated_image_save_dir")
     plan = sampling_plan(args, config, device, args.n * args.m)

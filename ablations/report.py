@@ -161,7 +161,6 @@ def header(study, rows, setup, tables, command, curve=()):
     trained = [r for r in done if not r["of"]]
     wall = sum(r["wall_seconds"] for r in done)
     share = sum(r["train_seconds"] for r in trained) / wall if wall else None
-    detectable = detectable_line(study, tables, base_values)
     seeds = max((len(v.seeds) for v in study.variants if v.group in ("one_at_a_time", "path")), default=2)
     devices = sorted({r["gpu"] or r["cpu"] for r in measured}) or ["-"]
     precisions = sorted({r["precision"] for r in measured})
@@ -198,7 +197,8 @@ def header(study, rows, setup, tables, command, curve=()):
            f"{min(base_values.values()):.4g} to {max(base_values.values()):.4g}), a standard deviation of the log of "
            f"{log_sd(base_values.values()):.3f} (x{math.exp(log_sd(base_values.values())):.3f}); the evaluation "
            f"noise is part of it." if len(base_values) > 1 else "not known yet: the baseline needs 2 seeds."),
-        "- **Detectable change**: " + detectable,
+        "- **Detectable change**: " + detectable_line(study, tables, base_values),
+        *goal_lines(study, tables, base, base_values),
         "- **Where the time goes**: "
         + (f"training is {share:.0%} of the runs' wall time ({sum(r['train_seconds'] for r in trained) / 60:.1f} of "
            f"{wall / 60:.1f} minutes summed over runs that may overlap; the rest is start-up, evaluation and "
@@ -215,6 +215,30 @@ def header(study, rows, setup, tables, command, curve=()):
         f"- Reproduce: `{command()}` (it skips the runs that have a current row), then "
         f"`{command('report', script='python ablate.py')}`.", ""]
     return lines
+
+
+def goal_lines(study, tables, base, base_values):
+    """Where the scale sets goals for its baseline (run_minutes_limit: the cpu scale): attribute FD at
+    most GOAL_FLOOR_RATIO times its floor, and a change of GOAL_DETECTABLE detectable at the study's
+    seed count; each met or missed, and the background error beside them (its floor is 0)."""
+    if not study.scale.run_minutes_limit:
+        return []
+    if len(base_values) < 2:
+        return [f"- **The baseline's goals** (attribute FD at most {GOAL_FLOOR_RATIO}x its floor; a change of "
+                f"{GOAL_DETECTABLE - 1:.0%} detectable): not known yet: the baseline needs 2 seeds."]
+    mean = geometric_mean(base_values.values())
+    times = mean / next(iter(base.values()))["metrics"][PRIMARY]["floor"]
+    found = detectable(study, tables, base_values)
+    background = [r["metrics"]["background_error"]["samples"] for r in base.values()
+                  if "background_error" in (r["metrics"] or {})]
+    return [f"- **The baseline's goals**: {PRIMARY} {mean:.4g} is {times:.1f}x its floor, "
+            + (f"within the goal of {GOAL_FLOOR_RATIO}x" if times <= GOAL_FLOOR_RATIO else
+               f"**short of the goal of {GOAL_FLOOR_RATIO}x**")
+            + "; the detectable change "
+            + ((f"is x{found[0]:.2f}, " + ("within" if found[0] <= GOAL_DETECTABLE else "**short of**")
+                + f" the goal of x{GOAL_DETECTABLE:.2f}") if found else "is not known yet")
+            + (f"; background error {sum(background) / len(background):.1f} of 255 (mean over {len(background)} seeds; "
+               f"real avatars: 0)" if background else "") + "."]
 
 
 def run_time_lines(study, done, curve):
@@ -237,10 +261,11 @@ def run_time_lines(study, done, curve):
     return lines
 
 
-def detectable_line(study, tables, base_values):
-    """The smallest change the study's seed count detects with 80% power: from the pooled paired
-    differences of the one-at-a-time table, else of the path's, else (an upper bound) from the
-    baseline's spread over seeds as if unpaired, sqrt(2) times its log standard deviation."""
+def detectable(study, tables, base_values):
+    """(the smallest change the study's seed count detects with 80% power, sigma, df, where sigma
+    comes from), or None: from the pooled paired differences of the one-at-a-time table, else of the
+    path's, else (an upper bound) from the baseline's spread over seeds as if unpaired, sqrt(2) times
+    its log standard deviation."""
     for group, words in (("one_at_a_time", "the one-at-a-time table"), ("path", "the path's table")):
         sigma, df = pooled_sigma(tables.get(group))
         if sigma:
@@ -249,10 +274,18 @@ def detectable_line(study, tables, base_values):
         spread = log_sd(base_values.values()) if len(base_values) > 2 else None
         sigma, df, words = (math.sqrt(2) * spread if spread else None), len(base_values) - 1, None
     if not sigma:
+        return None
+    seeds = max((len(v.seeds) for v in study.variants if v.group in ("one_at_a_time", "path")), default=2)
+    return stats.detectable_ratio(sigma, seeds, df=df), sigma, df, words
+
+
+def detectable_line(study, tables, base_values):
+    found = detectable(study, tables, base_values)
+    if found is None:
         return "not known yet: it needs the baseline on 3 seeds, or 2 seeds of one paired variant."
+    ratio, sigma, df, words = found
     seeds = max((len(v.seeds) for v in study.variants if v.group in ("one_at_a_time", "path")), default=2)
     m = max(sum(1 for v in study.variants if v.group == g and not v.not_runnable) for g in ("one_at_a_time", "path"))
-    ratio = stats.detectable_ratio(sigma, seeds, df=df)
     source = (f"the paired differences of {words} have a pooled standard deviation of {sigma:.3f} (log, {df} degrees "
               f"of freedom)" if words else
               f"no paired table yet: sqrt(2) times the baseline's spread over its seeds gives {sigma:.3f} (log, {df} "
@@ -521,6 +554,7 @@ def parameters(config):
 
 
 GOAL_FLOOR_RATIO = 10  # the cpu scale's goal for its baseline: attribute FD at most 10x its floor
+GOAL_DETECTABLE = 1.15  # ...and a 15% change detectable at the study's seed count
 
 
 def choice_lines(study, widths):

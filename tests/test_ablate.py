@@ -713,3 +713,22 @@ def test_the_study_end_to_end_on_tiny_data(tmp_path):
             "grids/baseline_ddim_5_seed0.png"} <= set(images)
     for image in images:
         assert pixel_spread(out / image) > 5, image
+
+
+def test_the_cpu_report_says_whether_the_baseline_meets_its_goals(tmp_path):
+    """Attribute FD at most 10x its floor (fake_row's floor: 30) and a 15% change detectable at the
+    study's seed count: each met or missed, from the rows."""
+    study = load("cpu")
+    setup = Setup.of(study.scale)
+    for name, fds, expected in (
+            ("close", [320.0, 330.0, 325.0, 335.0, 315.0], ("is 10.8x its floor, **short of the goal of 10x**",
+                                                            ", within the goal of x1.15")),
+            ("spread", [150.0, 300.0, 200.0, 250.0, 100.0], ("its floor, within the goal of 10x",
+                                                             ", **short of** the goal of x1.15"))):
+        out = tmp_path / name
+        out.mkdir()
+        for seed, fd in enumerate(fds):
+            rows.append_row(out / "results.jsonl", fake_row(study, setup, "baseline", seed, fd))
+        text = open(report.write_report(study, str(out), setup)).read()
+        line = next(line for line in text.splitlines() if line.startswith("- **The baseline's goals**"))
+        assert all(words in line for words in expected), line

@@ -10,7 +10,7 @@ import torch
 import checkpoint
 from checkpoint import TrainingState
 from cli import UserError
-from config import config_to_dict, make_config
+from config import config_from_dict, config_to_dict, make_config
 from train import make_ema, make_optimizer
 from unet import UNet
 
@@ -152,3 +152,57 @@ def test_a_random_state_from_another_kind_of_device_is_a_one_line_error(tmp_path
     saved["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
     with pytest.raises(UserError, match="trained on a CUDA GPU and its random state does not fit --device cpu"):
         state.restore(saved)
+
+
+# ---- the pretrained model: EMA weights in half precision, its sha256 beside it ------------------------
+
+def test_a_pretrained_model_is_the_ema_in_half_precision_and_samples_like_it(tmp_path):
+    config, state = tiny_state()
+    checkpoint.write(tmp_path / "run.pth", state.to_checkpoint(config, "tiny"))
+    path = str(tmp_path / "pretrained.pth")
+    checkpoint.export_pretrained(tmp_path / "run.pth", path, {"trained_by": "a test"})
+    saved = torch.load(path, weights_only=True)
+    assert set(saved) == {"format", "config", "preset", "ema", "step", "train_seconds", "info"}
+    assert all(v.dtype == torch.float16 for v in saved["ema"].values() if v.is_floating_point())
+    model, loaded = checkpoint.load_for_sampling(path, "cpu")
+    assert loaded == config and next(model.parameters()).dtype == torch.float32
+    ema, _ = checkpoint.load_for_sampling(tmp_path / "run.pth", "cpu")
+    x, alpha_bar = torch.randn(2, 3, 32, 32), torch.full((2,), 0.5)
+    with torch.no_grad():
+        assert torch.allclose(model(x, alpha_bar), ema(x, alpha_bar), atol=2e-2)  # fp16 rounding of the weights
+    with pytest.raises(UserError, match="a pretrained model holds only its EMA weights; drop --no_ema"):
+        checkpoint.load_for_sampling(path, "cpu", use_ema=False)
+
+
+def test_sampling_falls_back_to_the_pretrained_model_only_before_training(tmp_path, monkeypatch, capsys):
+    config, state = tiny_state()
+    checkpoint.write(tmp_path / "run.pth", state.to_checkpoint(config, "tiny"))
+    pretrained = str(tmp_path / "models" / "pretrained.pth")
+    os.makedirs(os.path.dirname(pretrained))
+    checkpoint.export_pretrained(tmp_path / "run.pth", pretrained, {})
+    monkeypatch.setattr(checkpoint, "PRETRAINED", pretrained)
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint.sampling_checkpoint("mine.pth") == "mine.pth"  # asked for: never replaced
+    assert checkpoint.sampling_checkpoint(None) == pretrained
+    assert capsys.readouterr().out == ("no checkpoints/latest_model.pth yet (bash train_UNet.sh trains one): "
+                                       "sampling the pretrained model models/pretrained.pth\n")
+    data = bytearray(open(pretrained, "rb").read())
+    data[-100] ^= 1  # one bit of the weights
+    open(pretrained, "wb").write(data)
+    with pytest.raises(UserError) as error:
+        checkpoint.sampling_checkpoint(None)
+    assert str(error.value).startswith("models/pretrained.pth: its sha256 does not match models/pretrained.pth.sha256")
+    os.makedirs("checkpoints")
+    checkpoint.write("checkpoints/latest_model.pth", state.to_checkpoint(config, "tiny"))
+    assert checkpoint.sampling_checkpoint(None) == checkpoint.LATEST  # training's own, once it exists
+
+
+def test_the_committed_pretrained_model_is_small_checked_and_says_how_it_was_trained():
+    from cli import check_sha256
+    path = checkpoint.PRETRAINED
+    assert os.path.getsize(path) <= 10 * 2**20
+    check_sha256(path, "")
+    saved = torch.load(path, weights_only=True)
+    assert saved["info"]["trained_by"] and saved["info"]["machine"] and saved["info"]["images_seen"] > 0
+    model, config = checkpoint.load_for_sampling(path, "cpu")
+    assert config == config_from_dict(saved["config"]) and not model.training

@@ -16,6 +16,17 @@ def test_train_then_generate_through_the_launchers(tmp_path):
         ".venv", ".git", "checkpoints", "generated", "*_images_downsample", "*_images", "__pycache__", ".pytest_cache",
         ".whl", ".devdata", "models", "*.cache.npz"))  # the data set caches (dataset.py): 170 MB
     os.symlink(os.path.join(REPO, ".venv"), repo / ".venv")  # install.sh finds it up to date
+    os.makedirs(repo / "models")
+    for name in ("pretrained_small.pth", "pretrained_small.pth.sha256"):  # committed, as in a fresh clone
+        shutil.copy(os.path.join(REPO, "models", name), repo / "models" / name)
+
+    # Before any training, generate.sh samples the pretrained model, and says so.
+    result = run(["bash", "generate.sh", "--device", "cpu", "--n", 4, "--m", 2], cwd=repo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("no checkpoints/latest_model.pth yet (bash train_UNet.sh trains one): sampling the pretrained model "
+            "models/pretrained_small.pth") in result.stdout
+    assert len(np.unique(np.asarray(Image.open(repo / "generated" / "generated_images_4x2.png")).reshape(-1, 3),
+                         axis=0)) > 100
 
     result = run(["bash", "train_UNet.sh", "--preset", "tiny", "--device", "cpu", "--no_visdom", "--max_steps", 6],
                  cwd=repo, env={"NUM_TRAIN": "32", "NUM_TEST": "16"})

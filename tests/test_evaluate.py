@@ -7,6 +7,7 @@ committed attribute network, and is skipped where models/attribute_net.pt is mis
 """
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ sys.path.insert(0, str(REPO))
 import attribute_net  # noqa: E402
 import evaluate  # noqa: E402
 import testkit  # noqa: E402
+from cli import sha256_of  # noqa: E402
 
 
 def synthetic_images(n, seed):
@@ -481,7 +483,7 @@ def test_image_dir_without_inception_writes_table_and_json(folders, attribute_ne
     assert "attribute metrics skipped" not in out
     attributes = report["attributes"]
     assert attributes["heads"] == RELIABLE and attributes["reference_images"] == 64
-    assert attributes["weights"] == {"path": attribute_net_file, "sha256": attribute_net.sha256_of(attribute_net_file)}
+    assert attributes["weights"] == {"path": attribute_net_file, "sha256": sha256_of(attribute_net_file)}
     assert list(attributes["mi"]) == ["skin_color,hair_color", "skin_color,glasses", "hair_color,glasses"]
     top_pair = attributes["mi_top_pair"].replace(",", " & ")
     rows = [(label.format(space="pixels", top_pair=top_pair), fmt, report["metrics"][key])
@@ -710,17 +712,37 @@ def test_grid_shows_the_first_samples_and_keeps_an_existing_file(tiny_checkpoint
     assert (np.asarray(Image.open(grid)) != pixels).any()
 
 
-@pytest.mark.parametrize("case", ["no_source", "reference_missing", "wrong_size", "checkpoint_missing",
+def test_without_a_source_the_pretrained_model_is_evaluated_once_checked(folders, tmp_path, capsys, monkeypatch):
+    """No --checkpoint and no --image_dir before any training: the committed pretrained model, said in
+    one line; a pretrained file whose sha256 does not match is a one-line error that names it."""
+    import checkpoint
+    sets = ["--reference_dir", folders["reference"], "--test_dir", folders["test"], "--no_download",
+            "--inception_weights", tmp_path / "none.pth", "--device", "cpu", "--cache_dir", tmp_path / "cache",
+            "--num_samples", "8", "--steps", "2", "--no_attribute_net"]
+    monkeypatch.chdir(tmp_path)  # no checkpoints/latest_model.pth here
+    code, out, err = run_main(capsys, *sets)
+    assert code == 0, err
+    assert ("no checkpoints/latest_model.pth yet (bash train_UNet.sh trains one): sampling the pretrained model "
+            f"{os.path.relpath(checkpoint.PRETRAINED)}") in out
+    damaged = tmp_path / "pretrained.pth"
+    data = bytearray(open(checkpoint.PRETRAINED, "rb").read())
+    data[len(data) // 2] ^= 1  # one bit of the weights
+    damaged.write_bytes(bytes(data))
+    shutil.copy(checkpoint.PRETRAINED + ".sha256", str(damaged) + ".sha256")
+    monkeypatch.setattr(checkpoint, "PRETRAINED", str(damaged))
+    code, _, err = run_main(capsys, *sets)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: pretrained.pth: its sha256 does not match pretrained.pth.sha256; the file is damaged or was replaced: "
+        "restore it with git checkout pretrained.pth, or train a model with bash train_UNet.sh"]
+
+
+@pytest.mark.parametrize("case", ["reference_missing", "wrong_size", "checkpoint_missing",
                                   "num_samples", "output_json", "garbage_weights", "foreign_state_dict", "too_few",
                                   "batch_size", "steps", "eta", "damaged_attribute_net", "grid_size", "grid_too_large",
                                   "cache_dir"])
 def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
     sets = ["--reference_dir", folders["reference"], "--test_dir", folders["test"], "--no_download",
             "--inception_weights", tmp_path / "none.pth", "--device", "cpu", "--cache_dir", tmp_path / "cache"]
-    if case == "no_source":
-        code, _, err = run_main(capsys, *sets)
-        assert code == 2 and "one of the arguments --checkpoint --image_dir is required" in err
-        return
     if case == "reference_missing":
         argv, expected = (["--image_dir", folders["fresh"], *sets, "--reference_dir", tmp_path / "nowhere"],
                           f"error: --reference_dir: {tmp_path / 'nowhere'}: no such folder")

@@ -35,7 +35,7 @@ import attribute_net  # noqa: E402
 import avatars  # noqa: E402
 import evaluate  # noqa: E402
 from cli import (ArgumentParser, UserError, atomic_write, output_file, pick_device, positive_int,  # noqa: E402
-                 random_seed, run_main)
+                 random_seed, run_main, sha256_of)
 from dataset import DatasetError, image_files, read_rgb  # noqa: E402
 
 BLUR_SIGMAS = (0.5, 1.0, 1.5)
@@ -326,7 +326,7 @@ def report(rows, args, reference_images, heads):
         cells = [cell(row[key], floor[key], fmt, ratio and name != "floor: test vs train")
                  for key, _, fmt, ratio in COLUMNS]
         table.append("| " + " | ".join([name, *cells]) + " |")
-    sha = attribute_net.sha256_of(args.attribute_net)[:12]
+    sha = sha256_of(args.attribute_net)[:12]
     return "\n".join([
         "# Does the attribute metric measure what it claims?",
         "",
