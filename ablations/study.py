@@ -219,12 +219,21 @@ SAMPLERS = [("ddpm", 1000), ("ddpm", 100), ("ddim", 20), ("ddim", 50), ("ddim", 
             ("dpm", 10), ("dpm", 20), ("dpm", 25)]
 
 
+CONDITIONING_SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm", 25)]  # the 2 x 3 table's columns (Sun et al. 2025)
+
+
+def sampled_by(of, sampler, steps, b):
+    """The variant whose rows are the trained variant `of` sampled by (sampler, steps): its own rows
+    where that is the baseline's sampler, else its re-evaluation of the sampling group."""
+    return of if (sampler, steps) == (b.sampler, b.sampling_steps) else f"{of}_{sampler}_{steps}"
+
+
 def sampling_variants(b):
     rows = []
     for of in ("baseline", "noise_cond_none"):
         for sampler, steps in SAMPLERS:
-            if (sampler, steps) != (b.sampler, b.sampling_steps):  # that one is the trained run's own row
-                rows.append(Variant(f"{of}_{sampler}_{steps}", "sampling", of=of,
+            if sampled_by(of, sampler, steps, b) != of:  # the trained run's own sampler is its own row
+                rows.append(Variant(sampled_by(of, sampler, steps, b), "sampling", of=of,
                                     overrides=(f"sampler={sampler}", f"sampling_steps={steps}")))
         rows.append(Variant(f"{of}_clamp_{'off' if b.clamp_x0 else 'on'}", "sampling", of=of,
                             overrides=(setting("clamp_x0", not b.clamp_x0),)))

@@ -732,3 +732,28 @@ def test_the_cpu_report_says_whether_the_baseline_meets_its_goals(tmp_path):
         text = open(report.write_report(study, str(out), setup)).read()
         line = next(line for line in text.splitlines() if line.startswith("- **The baseline's goals**"))
         assert all(words in line for words in expected), line
+
+
+def test_the_sampling_section_sets_conditioning_against_sampler_and_one_at_a_time_is_sorted(tmp_path):
+    """The 2 x 3 table (noise conditioning on/off x DDPM 1000, DDIM 50, DPM-Solver 25) from the rows,
+    its last row the paired off/on ratio by the rule; the one-at-a-time table by effect."""
+    study = load("gpu")
+    setup = Setup.of(study.scale)
+    fds = {"baseline": 100.0, "baseline_ddpm_1000": 90.0, "baseline_ddim_50": 110.0,
+           "noise_cond_none": 105.0, "noise_cond_none_ddpm_1000": 95.0, "noise_cond_none_ddim_50": 330.0,
+           "norm_batch": 150.0, "width_double": 70.0}
+    for name, fd in fds.items():
+        for seed in (0, 1):
+            rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, name, seed, fd * (1 + seed / 20)))
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    lines = text.splitlines()
+    at = lines.index("| conditioning | DDPM 1000 | DDIM (deterministic) 50 | DPM-Solver++ 2M 25 |")
+    assert lines[at + 2].startswith("| on (`baseline`) | 92.22 (2 seeds) | 112.7 (2 seeds) | 102.5 (2 seeds) |")
+    assert lines[at + 3].startswith("| off (`noise_cond_none`) | 97.35 (2 seeds) | 338.1 (2 seeds) | 107.6 (2 seeds) |")
+    compared = stats.compare_table({"ddim": {s: math.log(330 / 110) for s in (0, 1)},
+                                    "ddpm": {s: math.log(95 / 90) for s in (0, 1)},
+                                    "dpm": {s: math.log(105 / 100) for s in (0, 1)}})
+    assert stats.describe(compared["ddim"])[0] in lines[at + 4]
+    one = [line.split(" | ")[0][2:] for line in lines if line.startswith("| `") and line.split(" | ")[0][2:] in
+           ("`norm_batch`", "`width_double`")]
+    assert one == ["`width_double`", "`norm_batch`"]  # x0.70 before x1.50
