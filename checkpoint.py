@@ -142,12 +142,14 @@ def sampling_checkpoint(path):
     checked first, and said in one line."""
     if path:
         return path
-    if os.path.exists(LATEST) or not os.path.exists(PRETRAINED):
-        return LATEST  # read() says what to do when it is missing
+    if os.path.exists(LATEST):
+        return LATEST
     shown = os.path.relpath(PRETRAINED)
-    check_sha256(shown, f"restore it with git checkout {shown}, or train a model with bash train_UNet.sh")
+    if not os.path.exists(PRETRAINED):
+        raise UserError(f"no {LATEST} and no pretrained model ({shown}): train one with bash train_UNet.sh, "
+                        f"restore the pretrained one with git checkout {shown}, or pass --checkpoint")
     print(f"no {LATEST} yet (bash train_UNet.sh trains one): sampling the pretrained model {shown}")
-    return PRETRAINED
+    return shown
 
 
 def export_pretrained(source, path, info):
@@ -164,6 +166,8 @@ def load_for_sampling(path, device, use_ema=True, **sampling):
     """(network, configuration) of a checkpoint, ready to sample. Keyword arguments override the
     saved sampling fields, for example sampler="ddim", sampling_steps=50; None keeps the saved
     value. This is the one place where command-line sampler flags meet the configuration."""
+    if os.path.exists(f"{path}.sha256"):  # committed weights (the pretrained model): never used unchecked
+        check_sha256(str(path), f"restore it with git checkout {path}, or pass another --checkpoint")
     checkpoint = read(path)
     config = dataclasses.replace(saved_config(checkpoint), **{k: v for k, v in sampling.items() if v is not None})
     if not use_ema and "model" not in checkpoint:

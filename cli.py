@@ -188,7 +188,10 @@ def write_sha256(path):
 def check_sha256(path, remedy):
     """A one-line UserError, ending in `remedy`, unless the file's sha256 is the one recorded beside it:
     a damaged or replaced file of weights is never used silently."""
-    recorded = open(path + ".sha256").read().split()[0] if os.path.isfile(path + ".sha256") else None
+    recorded = None
+    if os.path.isfile(path + ".sha256"):
+        with open(path + ".sha256") as f:
+            recorded = (f.read().split() or [None])[0]
     if recorded is None:
         raise UserError(f"{path}: no {path}.sha256 beside it to check it against; {remedy}")
     if recorded != sha256_of(path):

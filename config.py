@@ -54,7 +54,7 @@ class Config:
     sampling_schedule: str = "linear"  # linear (betas 1e-4..0.02 over 1000 steps) | cosine
     eta: float = 0.0                # DDIM's eta (0: deterministic)
     clamp_x0: bool = False          # clamp the predicted x0 to the data range at each step
-    timestep_spacing: str = "sampler"  # sampler (each sampler's own steps) | trailing (every sampler from t = 999 down in equal strides; Lin et al. 2024)
+    timestep_spacing: str = "sampler"  # sampler (DDPM leading, DDIM linspace, DPM-Solver uniform in log-SNR) | trailing (equal strides in t from t = 999; Lin et al. 2024)
 
 
 CHOICES = {

@@ -11,6 +11,7 @@ import math
 import torch
 from tqdm import tqdm
 
+from config import ConfigError
 from dataset import data_bounds
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -32,11 +33,11 @@ def linear_alpha_bar(device=None, zero_terminal_snr=False):
     return alpha_bar.float().to(device)
 
 
-def timestep_of(alpha_bar):
-    """The step t, fractional, at which DDPM's linear schedule reaches alpha_bar: how diffusers'
-    networks are told the noise level (arch=diffusers). Levels beyond the schedule's ends take t = 0
-    or t = 999."""
-    table = linear_alpha_bar(str(alpha_bar.device))  # falling with t
+def timestep_of(alpha_bar, config):
+    """The step t, fractional, at which the training schedule (DDPM's linear one, rescaled where
+    config.zero_terminal_snr) reaches alpha_bar: how diffusers' networks are told the noise level
+    (arch=diffusers). Levels beyond the schedule's ends take t = 0 or t = 999."""
+    table = linear_alpha_bar(str(alpha_bar.device), config.zero_terminal_snr)  # falling with t
     a = alpha_bar.float().clamp(table[-1], table[0])
     upper = torch.searchsorted(-table, -a).clamp(1, NUM_TRAIN_TIMESTEPS - 1)  # table[upper - 1] >= a >= table[upper]
     before, after = table[upper - 1], table[upper]
@@ -47,6 +48,21 @@ def cosine_alpha_bar(t):
     """Continuous cosine schedule, t in [0, 1] (Nichol & Dhariwal 2021, eq. 17, s = 0.008)."""
     s = 0.008
     return (torch.cos((t + s) / (1 + s) * math.pi / 2) / math.cos(s / (1 + s) * math.pi / 2)) ** 2
+
+
+def check_noise_process(config):
+    """A one-line ConfigError for noise fields that cannot work together. zero_terminal_snr puts the
+    last level at pure noise: an eps prediction says nothing about x0 there (x0 = (x - eps) / 0), so
+    it needs target v or x0 (Lin et al. 2024, sec. 3.2); and the schedule it rescales is the linear
+    one, which training draws from only with noise_sampling=linear_beta_t and sampling uses only
+    with sampling_schedule=linear."""
+    if not config.zero_terminal_snr:
+        return
+    wrong = [f"{k}={getattr(config, k)}" for k, ok in (("target", ("v", "x0")), ("noise_sampling", ("linear_beta_t",)),
+                                                      ("sampling_schedule", ("linear",))) if getattr(config, k) not in ok]
+    if wrong:
+        raise ConfigError(f"--set zero_terminal_snr=true needs target=v (or x0), noise_sampling=linear_beta_t and "
+                          f"sampling_schedule=linear; drop --set {wrong[0]} or zero_terminal_snr")
 
 
 # ---- training ----------------------------------------------------------------------------------

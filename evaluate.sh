@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash install.sh
-case " $* " in
-    *" --reference_dir"* | *" --test_dir"*) ;;
-    *) bash images/make_default_dataset.sh ;;  # the default real images (seconds when they are complete)
+case " $* " in  # the default real images, unless both folders are given (seconds when they are complete)
+    *" --reference_dir"*" --test_dir"* | *" --test_dir"*" --reference_dir"* | *" -h "* | *" --help "*) ;;
+    *) bash images/make_default_dataset.sh ;;
 esac
 exec .venv/bin/python evaluate.py "$@"

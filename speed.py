@@ -288,13 +288,14 @@ def compile_plan(device, run_seconds, expected_seconds, expected_gain=lambda: CP
 def compile_blocks(model):
     """Regional compilation: each Stage (ResBlock and its attention) compiled in place. Stages of
     the same widths and resolution share one compiled graph, so the network compiles once per
-    distinct block instead of as one large graph."""
+    distinct block instead of as one large graph. A network without Stages (arch=diffusers) compiles
+    whole."""
     import torch._dynamo
     from unet import Stage
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per distinct block
-    for module in model.modules():
-        if isinstance(module, Stage):
-            module.compile(dynamic=False)
+    stages = [module for module in model.modules() if isinstance(module, Stage)]
+    for module in stages or [model]:
+        module.compile(dynamic=False)
 
 
 class CompileLedger(Ledger):

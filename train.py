@@ -31,7 +31,7 @@ from cli import (ArgumentParser, UserError, atomic_write, compile_cache_dir, mak
                  non_negative_int, pick_device, port, positive_float, positive_int, random_seed, run_main)
 from config import CPU_PRESET, PRESETS, config_text, config_to_dict, make_config
 from dataset import augment, load_image_folder, normalise, to_uint8
-from diffusion import sample, sample_alpha_bar, training_loss, validation_loss
+from diffusion import check_noise_process, sample, sample_alpha_bar, training_loss, validation_loss
 from plot_log import draw_loss_curve, read_log
 from speed import (PROBE_BATCH, CompileLedger, Plan, autocast, choose_plan, compile_blocks, compile_plan, cpp_compiler,
                    machine, sampling_batch, time_network)
@@ -188,6 +188,7 @@ def configure(args, argv, latest_path, procs):
         overrides.append(f"batch_size={args.batch_size}")
     config = make_config(args.preset, overrides)
     check_network(config, IMAGE_SIZE)  # before the data is read
+    check_noise_process(config)
     resume_from = None
     if os.path.exists(latest_path) and not args.fresh:
         resume_from = checkpoint.read(latest_path)

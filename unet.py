@@ -230,8 +230,8 @@ class DiffusersUNet(nn.Module):
     """arch=diffusers: diffusers' own UNet2DModel, the peer of our UNet, in the layout of DDPM's
     CIFAR-10 network (Ho et al. 2020; diffusers' google/ddpm-cifar10-32): one level per width of
     config.channels, each with two ResBlocks, GroupNorm, a strided-conv down and a nearest-plus-conv
-    up, self-attention at the resolutions of config.attention (DDPM's: 16), and a sinusoidal timestep
-    embedding added in every ResBlock. It takes config.channels, attention, dropout and act; down, up,
+    up, single-head self-attention at the resolutions of config.attention (DDPM's: 16) and always in
+    the middle block, and a sinusoidal timestep embedding added in every ResBlock. It takes config.channels, attention, dropout and act; down, up,
     tail, zero_init and bn_sampling_stats describe our UNet and are not used, and check_network
     refuses noise_cond and norm values it cannot follow. It is told the noise level as diffusers'
     networks expect: the step of DDPM's linear schedule at that level (diffusion.timestep_of)."""
@@ -242,16 +242,16 @@ class DiffusersUNet(nn.Module):
         check_network(config, image_size)
         self.config = config
         attention = [image_size >> level in config.attention for level in range(len(config.channels))]
-        self.unet = UNet2DModel(
+        self.unet = UNet2DModel(  # google/ddpm-cifar10-32's settings, at config.channels' widths
             sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=config.channels,
-            layers_per_block=2, norm_num_groups=math.gcd(32, *config.channels), dropout=config.dropout,
-            act_fn=config.act,
+            layers_per_block=2, norm_num_groups=math.gcd(32, *config.channels), norm_eps=1e-6, dropout=config.dropout,
+            act_fn=config.act, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)))
 
     def forward(self, x, alpha_bar):
         from diffusion import timestep_of
-        return self.unet(x, timestep_of(alpha_bar)).sample
+        return self.unet(x, timestep_of(alpha_bar, self.config)).sample
 
     def sampling_mode(self):
         return self.eval()  # no BatchNorm: only dropout changes

@@ -13,6 +13,9 @@ import os
 
 from cli import UserError
 from config import ConfigError, make_config
+from dataset import IMAGE_SIZE
+from diffusion import check_noise_process
+from unet import check_network
 
 
 @dataclasses.dataclass
@@ -49,7 +52,8 @@ class Study:
 
 
 def load_study(path, scale_name):
-    """The study file's variants at one scale, every one checked with make_config, so that a typo
+    """The study file's variants at one scale, every one checked with make_config (and the network's
+    and noise process's checks), so that a typo
     in the study fails when it loads rather than in the middle of a GPU lease."""
     if not os.path.isfile(path):
         raise UserError(f"--study {path}: no such file")
@@ -96,8 +100,10 @@ def load_study(path, scale_name):
         if reference and not set(v.seeds) <= set(by_name[reference].seeds):
             raise UserError(f"{where}: seeds {', '.join(map(str, v.seeds))} are not all seeds of {reference}, "
                             f"which it is compared with seed by seed")
-        try:
-            study.config(v)
+        try:  # the checks train.py makes before it reads the data, made before a lease is spent
+            config = study.config(v)
+            check_network(config, IMAGE_SIZE)
+            check_noise_process(config)
         except ConfigError as e:
             raise UserError(f"{where}: {e}") from None
     return study

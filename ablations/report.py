@@ -166,7 +166,7 @@ def header(study, rows, setup, tables, command, curve=()):
     trained = [r for r in done if not r["of"]]
     wall = sum(r["wall_seconds"] for r in done)
     share = sum(r["train_seconds"] for r in trained) / wall if wall else None
-    seeds = max((len(v.seeds) for v in study.variants if v.group in ("one_at_a_time", "path")), default=2)
+    seeds = variant_seeds(study)
     devices = sorted({r["gpu"] or r["cpu"] for r in measured}) or ["-"]
     precisions = sorted({r["precision"] for r in measured})
     commits = sorted({f"{r['commit']}" + (f" ({r['dirty']} files differed)" if r.get("dirty") else "") for r in done})
@@ -266,6 +266,11 @@ def run_time_lines(study, done, curve):
     return lines
 
 
+def variant_seeds(study):
+    """The seeds each trained variant runs on (the design's count), for the detectable change."""
+    return max((len(v.seeds) for v in study.variants if v.group in ("one_at_a_time", "path")), default=2)
+
+
 def detectable(study, tables, base_values):
     """(the smallest change the study's seed count detects with 80% power, sigma, df, where sigma
     comes from), or None: from the pooled paired differences of the one-at-a-time table, else of the
@@ -280,7 +285,7 @@ def detectable(study, tables, base_values):
         sigma, df, words = (math.sqrt(2) * spread if spread else None), len(base_values) - 1, None
     if not sigma:
         return None
-    seeds = max((len(v.seeds) for v in study.variants if v.group in ("one_at_a_time", "path")), default=2)
+    seeds = variant_seeds(study)
     return stats.detectable_ratio(sigma, seeds, df=df), sigma, df, words
 
 
@@ -289,7 +294,7 @@ def detectable_line(study, tables, base_values):
     if found is None:
         return "not known yet: it needs the baseline on 3 seeds, or 2 seeds of one paired variant."
     ratio, sigma, df, words = found
-    seeds = max((len(v.seeds) for v in study.variants if v.group in ("one_at_a_time", "path")), default=2)
+    seeds = variant_seeds(study)
     m = max(sum(1 for v in study.variants if v.group == g and not v.not_runnable) for g in ("one_at_a_time", "path"))
     source = (f"the paired differences of {words} have a pooled standard deviation of {sigma:.3f} (log, {df} degrees "
               f"of freedom)" if words else
@@ -587,9 +592,9 @@ def parameters(config):
     """The network's parameter count, built on the meta device (no memory, no time)."""
     import torch
     from config import config_from_dict
-    from unet import UNet
+    from unet import make_network
     with torch.device("meta"):
-        return sum(p.numel() for p in UNet(config_from_dict(config)).parameters())
+        return sum(p.numel() for p in make_network(config_from_dict(config)).parameters())
 
 
 GOAL_FLOOR_RATIO = 10  # the cpu scale's goal for its baseline: attribute FD at most 10x its floor

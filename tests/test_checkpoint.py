@@ -183,15 +183,25 @@ def test_sampling_falls_back_to_the_pretrained_model_only_before_training(tmp_pa
     monkeypatch.setattr(checkpoint, "PRETRAINED", pretrained)
     monkeypatch.chdir(tmp_path)
     assert checkpoint.sampling_checkpoint("mine.pth") == "mine.pth"  # asked for: never replaced
-    assert checkpoint.sampling_checkpoint(None) == pretrained
+    assert checkpoint.sampling_checkpoint(None) == "models/pretrained.pth"
     assert capsys.readouterr().out == ("no checkpoints/latest_model.pth yet (bash train_UNet.sh trains one): "
                                        "sampling the pretrained model models/pretrained.pth\n")
+    checkpoint.load_for_sampling("models/pretrained.pth", "cpu")
     data = bytearray(open(pretrained, "rb").read())
     data[-100] ^= 1  # one bit of the weights
     open(pretrained, "wb").write(data)
-    with pytest.raises(UserError) as error:
+    for path in ("models/pretrained.pth", pretrained):  # chosen by default, or named with --checkpoint
+        with pytest.raises(UserError) as error:
+            checkpoint.load_for_sampling(path, "cpu")
+        assert str(error.value) == (f"{path}: its sha256 does not match {path}.sha256; the file is damaged or was "
+                                    f"replaced: restore it with git checkout {path}, or pass another --checkpoint")
+    open(pretrained + ".sha256", "w").close()  # an empty record
+    with pytest.raises(UserError, match="no .*pretrained.pth.sha256 beside it to check it against"):
+        checkpoint.load_for_sampling(pretrained, "cpu")
+    os.remove(pretrained)
+    with pytest.raises(UserError, match="^no checkpoints/latest_model.pth and no pretrained model .models/pretrained.pth.: "
+                                        "train one with bash train_UNet.sh"):
         checkpoint.sampling_checkpoint(None)
-    assert str(error.value).startswith("models/pretrained.pth: its sha256 does not match models/pretrained.pth.sha256")
     os.makedirs("checkpoints")
     checkpoint.write("checkpoints/latest_model.pth", state.to_checkpoint(config, "tiny"))
     assert checkpoint.sampling_checkpoint(None) == checkpoint.LATEST  # training's own, once it exists

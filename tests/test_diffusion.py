@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from config import make_config
-from diffusion import (add_noise, cosine_alpha_bar, linear_alpha_bar, loss_weight, make_scheduler, sample, timestep_of,
-                       sample_alpha_bar, target_of, training_loss, x0_and_eps_of)
+from config import ConfigError, make_config
+from diffusion import (add_noise, check_noise_process, cosine_alpha_bar, linear_alpha_bar, loss_weight, make_scheduler,
+                       sample, sample_alpha_bar, target_of, timestep_of, training_loss, x0_and_eps_of)
 
 
 def sampling(config, **fields):
@@ -219,10 +219,23 @@ def test_min_snr_weights_are_their_limits_at_pure_noise():
         assert torch.isfinite(weight).all() and weight[0].item() == pytest.approx(at_zero, abs=1e-9), target
 
 
-def test_timestep_of_inverts_the_linear_schedule():
-    table = linear_alpha_bar()
-    t = torch.tensor([0, 1, 10, 500, 998, 999])
-    assert torch.allclose(timestep_of(table[t]), t.float(), atol=1e-3)
-    between = timestep_of((table[10:11] + table[11:12]) / 2)
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_timestep_of_inverts_the_training_schedule(zero_terminal_snr):
+    config = make_config("small", ["target=v", f"zero_terminal_snr={zero_terminal_snr}"])
+    table = linear_alpha_bar(None, zero_terminal_snr)
+    t = torch.tensor([0, 1, 10, 500, 950, 998, 999])
+    assert torch.allclose(timestep_of(table[t], config), t.float(), atol=1e-3)
+    between = timestep_of((table[10:11] + table[11:12]) / 2, config)
     assert 10 < between.item() < 11
-    assert timestep_of(torch.tensor([1.0, 0.0])).tolist() == [0.0, 999.0]  # beyond the ends
+    assert timestep_of(torch.tensor([1.0, 0.0]), config).tolist() == [0.0, 999.0]  # beyond the ends
+
+
+@pytest.mark.parametrize("bad", ["target=eps", "noise_sampling=cosine", "sampling_schedule=cosine"])
+def test_zero_terminal_snr_refuses_what_cannot_use_it(bad):
+    """At pure noise an eps prediction says nothing about x0 (a division by 0); and the rescaled
+    schedule is the linear one, which the other noise samplings and sampling schedules do not use."""
+    config = make_config("small", ["zero_terminal_snr=true", "target=v", bad])
+    with pytest.raises(ConfigError, match=f"--set zero_terminal_snr=true needs target=v .*; drop --set {bad} "):
+        check_noise_process(config)
+    check_noise_process(make_config("small", ["zero_terminal_snr=true", "target=v"]))
+    check_noise_process(make_config("small", [bad]))  # without the rescaled schedule, anything goes

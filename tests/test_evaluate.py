@@ -733,7 +733,7 @@ def test_without_a_source_the_pretrained_model_is_evaluated_once_checked(folders
     code, _, err = run_main(capsys, *sets)
     assert code == 2 and err.strip().splitlines() == [
         "error: pretrained.pth: its sha256 does not match pretrained.pth.sha256; the file is damaged or was replaced: "
-        "restore it with git checkout pretrained.pth, or train a model with bash train_UNet.sh"]
+        "restore it with git checkout pretrained.pth, or pass another --checkpoint"]
 
 
 @pytest.mark.parametrize("case", ["reference_missing", "wrong_size", "checkpoint_missing",

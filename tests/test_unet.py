@@ -293,6 +293,9 @@ def test_arch_diffusers_is_unet2dmodel_in_ddpms_cifar10_layout():
     assert tuple(unet.down_block_types) == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")  # 16x16
     assert tuple(unet.up_block_types) == ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
     assert unet.time_embedding_type == "positional" and unet.dropout == config.dropout and unet.act_fn == "silu"
+    # google/ddpm-cifar10-32's own settings: one attention head, its timestep features and padding
+    assert (unet.attention_head_dim, unet.flip_sin_to_cos, unet.freq_shift, unet.downsample_padding, unet.norm_eps) == \
+        (None, False, 1, 0, 1e-6)
     assert count(model, nn.GroupNorm) > 0 and count(model, nn.BatchNorm2d) == 0
     assert 1_000_000 < count_parameters(model) < 2_000_000
 

@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from checkpoint import PRETRAINED, export_pretrained, read  # noqa: E402
-from cli import ArgumentParser, UserError, output_file, run_main  # noqa: E402
+from cli import ArgumentParser, UserError, output_file, run_main, write_sha256  # noqa: E402
 
 MAX_BYTES = 10 * 1024 * 1024  # what the repository carries
 
@@ -33,13 +33,18 @@ def main(argv=None):
     info = {"trained_by": args.trained_by, "machine": args.machine, "note": args.note,
             "images_seen": source["step"] * source["config"]["batch_size"],
             "exported": datetime.date.today().isoformat()}
-    export_pretrained(args.checkpoint, args.out, info)
-    size = os.path.getsize(args.out)
+    # Written beside --out first, so that a file too large to carry never replaces the one there.
+    draft = os.path.join(os.path.dirname(os.path.abspath(args.out)), f".{os.path.basename(args.out)}.draft")
+    export_pretrained(args.checkpoint, draft, info)
+    size = os.path.getsize(draft)
     if size > MAX_BYTES:
-        os.remove(args.out)
-        os.remove(args.out + ".sha256")
+        os.remove(draft)
+        os.remove(draft + ".sha256")
         raise UserError(f"--checkpoint {args.checkpoint}: its weights take {size / 2**20:.1f} MB in half precision, "
                         f"more than the {MAX_BYTES / 2**20:.0f} MB the repository carries: export a smaller network")
+    os.replace(draft, args.out)
+    write_sha256(args.out)  # of the same bytes, under --out's name
+    os.remove(draft + ".sha256")
     print(f"wrote {args.out} ({size / 2**20:.2f} MB) and {args.out}.sha256: {info['images_seen']:,} images seen, "
           f"{(source.get('train_seconds') or 0) / 60:.1f} minutes of training")
     return 0
