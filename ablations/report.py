@@ -203,7 +203,7 @@ def header(study, rows, setup, tables, command, curve=()):
            f"{log_sd(base_values.values()):.3f} (x{math.exp(log_sd(base_values.values())):.3f}); the evaluation "
            f"noise is part of it." if len(base_values) > 1 else "not known yet: the baseline needs 2 seeds."),
         "- **Detectable change**: " + detectable_line(study, tables, base_values),
-        *goal_lines(study, tables, base, base_values),
+        *goal_lines(study, base, base_values),
         "- **Where the time goes**: "
         + (f"training is {share:.0%} of the runs' wall time ({sum(r['train_seconds'] for r in trained) / 60:.1f} of "
            f"{wall / 60:.1f} minutes summed over runs that may overlap; the rest is start-up, evaluation and "
@@ -222,7 +222,7 @@ def header(study, rows, setup, tables, command, curve=()):
     return lines
 
 
-def goal_lines(study, tables, base, base_values):
+def goal_lines(study, base, base_values):
     """Where the scale sets goals for its baseline (run_minutes_limit: the cpu scale): attribute FD at
     most GOAL_FLOOR_RATIO times its floor, and a change of GOAL_DETECTABLE detectable at the study's
     seed count; each met or missed, and the background error beside them (its floor is 0)."""
@@ -233,15 +233,18 @@ def goal_lines(study, tables, base, base_values):
                 f"{GOAL_DETECTABLE - 1:.0%} detectable): not known yet: the baseline needs 2 seeds."]
     mean = geometric_mean(base_values.values())
     times = mean / next(iter(base.values()))["metrics"][PRIMARY]["floor"]
-    found = detectable(study, tables, base_values)
+    # The goal is the baseline's own: its spread over seeds, as if unpaired (sqrt(2) x its log sd), an
+    # upper bound on what a paired variant at the study's seed count can detect.
+    spread = log_sd(base_values.values())
+    ratio = stats.detectable_ratio(math.sqrt(2) * spread, variant_seeds(study), df=len(base_values) - 1) if spread else None
     background = [r["metrics"]["background_error"]["samples"] for r in base.values()
                   if "background_error" in (r["metrics"] or {})]
     return [f"- **The baseline's goals**: {PRIMARY} {mean:.4g} is {times:.1f}x its floor, "
             + (f"within the goal of {GOAL_FLOOR_RATIO}x" if times <= GOAL_FLOOR_RATIO else
                f"**short of the goal of {GOAL_FLOOR_RATIO}x**")
-            + "; the detectable change "
-            + ((f"is x{found[0]:.2f}, " + ("within" if found[0] <= GOAL_DETECTABLE else "**short of**")
-                + f" the goal of x{GOAL_DETECTABLE:.2f}") if found else "is not known yet")
+            + "; the change its spread over seeds lets the study detect "
+            + ((f"is x{ratio:.2f}, " + ("within" if ratio <= GOAL_DETECTABLE else "**short of**")
+                + f" the goal of x{GOAL_DETECTABLE:.2f}") if ratio else "is not known yet")
             + (f"; background error {sum(background) / len(background):.1f} of 255 (mean over {len(background)} seeds; "
                f"real avatars: 0)" if background else "") + "."]
 

@@ -802,8 +802,9 @@ def test_bad_input_is_one_line_and_nonzero(case, folders, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_launcher_exits_nonzero_without_traceback(tmp_path):
+    # Both folders given, so that evaluate.sh builds no default data set (a fresh clone has none).
     result = subprocess.run(["bash", str(REPO / "evaluate.sh"), "--image_dir", tmp_path, "--reference_dir",
-                             tmp_path / "nowhere", "--no_download", "--inception_weights", tmp_path / "none.pth",
+                             tmp_path / "nowhere", "--test_dir", tmp_path / "nowhere", "--no_download", "--inception_weights", tmp_path / "none.pth",
                              "--cache_dir", tmp_path / "cache"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
