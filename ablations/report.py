@@ -233,10 +233,10 @@ def goal_lines(study, base, base_values):
                 f"{GOAL_DETECTABLE - 1:.0%} detectable): not known yet: the baseline needs 2 seeds."]
     mean = geometric_mean(base_values.values())
     times = mean / next(iter(base.values()))["metrics"][PRIMARY]["floor"]
-    # The goal is the baseline's own: its spread over seeds, as if unpaired (sqrt(2) x its log sd), an
-    # upper bound on what a paired variant at the study's seed count can detect.
-    spread = log_sd(base_values.values())
-    ratio = stats.detectable_ratio(math.sqrt(2) * spread, variant_seeds(study), df=len(base_values) - 1) if spread else None
+    # The goal is the baseline's own: its spread over seeds, as if unpaired, an upper bound on what a
+    # paired variant at the study's seed count can detect.
+    sigma, df = unpaired_sigma(base_values)
+    ratio = stats.detectable_ratio(sigma, variant_seeds(study), df=df) if sigma else None
     background = [r["metrics"]["background_error"]["samples"] for r in base.values()
                   if "background_error" in (r["metrics"] or {})]
     return [f"- **The baseline's goals**: {PRIMARY} {mean:.4g} is {times:.1f}x its floor, "
@@ -274,30 +274,28 @@ def variant_seeds(study):
     return max((len(v.seeds) for v in study.variants if v.group in ("one_at_a_time", "path")), default=2)
 
 
-def detectable(study, tables, base_values):
-    """(the smallest change the study's seed count detects with 80% power, sigma, df, where sigma
-    comes from), or None: from the pooled paired differences of the one-at-a-time table, else of the
-    path's, else (an upper bound) from the baseline's spread over seeds as if unpaired, sqrt(2) times
-    its log standard deviation."""
+def unpaired_sigma(base_values):
+    """(sqrt(2) times the baseline's log spread over its seeds, its degrees of freedom): the standard
+    deviation of a paired difference as if the pairs shared nothing, an upper bound; (None, df)
+    without a spread."""
+    spread = log_sd(base_values.values())
+    return (math.sqrt(2) * spread if spread else None), len(base_values) - 1
+
+
+def detectable_line(study, tables, base_values):
+    """The smallest change the study's seed count detects with 80% power: from the pooled paired
+    differences of the one-at-a-time table, else of the path's, else (an upper bound) from the
+    baseline's spread over seeds as if unpaired (unpaired_sigma)."""
     for group, words in (("one_at_a_time", "the one-at-a-time table"), ("path", "the path's table")):
         sigma, df = pooled_sigma(tables.get(group))
         if sigma:
             break
     else:
-        spread = log_sd(base_values.values()) if len(base_values) > 2 else None
-        sigma, df, words = (math.sqrt(2) * spread if spread else None), len(base_values) - 1, None
+        (sigma, df), words = (unpaired_sigma(base_values) if len(base_values) > 2 else (None, None)), None
     if not sigma:
-        return None
-    seeds = variant_seeds(study)
-    return stats.detectable_ratio(sigma, seeds, df=df), sigma, df, words
-
-
-def detectable_line(study, tables, base_values):
-    found = detectable(study, tables, base_values)
-    if found is None:
         return "not known yet: it needs the baseline on 3 seeds, or 2 seeds of one paired variant."
-    ratio, sigma, df, words = found
     seeds = variant_seeds(study)
+    ratio = stats.detectable_ratio(sigma, seeds, df=df)
     m = max(sum(1 for v in study.variants if v.group == g and not v.not_runnable) for g in ("one_at_a_time", "path"))
     source = (f"the paired differences of {words} have a pooled standard deviation of {sigma:.3f} (log, {df} degrees "
               f"of freedom)" if words else
