@@ -24,6 +24,7 @@ class Study:
     scale: object              # study.Scale
     variants: list             # study.Variant, the scale's, in the report's order
     groups: tuple
+    literature: dict = dataclasses.field(default_factory=dict)  # the study file's literature(scale), for "What matters"
 
     def variant(self, name):
         return next(v for v in self.variants if v.name == name)
@@ -72,7 +73,7 @@ def load_study(path, scale_name):
         raise UserError(f"{path}: scale {scale_name} names unknown variants: {', '.join(unknown)}")
     chosen = [v for v in everything if v.name in scale.variants or v.group in scale.groups
               or not (scale.variants or scale.groups)]
-    study = Study(path, scale, chosen, module.GROUPS)
+    study = Study(path, scale, chosen, module.GROUPS, getattr(module, "literature", lambda scale: {})(scale))
     names = {v.name for v in chosen}
     baselines = [v for v in chosen if v.group == "baseline"]
     if [v.name for v in baselines] != ["baseline"]:

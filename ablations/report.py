@@ -11,7 +11,8 @@ from ablations import stats
 from ablations.curve import (LIMIT_FALLBACK, MACHINE_CORES, current_points, per_doubling, run_minutes, suggest_budget,
                              width_label)
 from ablations.rows import REPO, Rows, read_rows
-from cli import atomic_write
+from cli import UserError, atomic_write
+from config import config_to_dict
 
 STUDY = os.path.join("ablations", "study.py")
 PRIMARY = "attribute_fd"  # the attribute network's feature distance; lower is better
@@ -44,7 +45,8 @@ def write_report(study, folder, setup):
 
     tables = {group: table(study, rows, group) for group in study.groups if group != "evaluation_noise"}
     lines = header(study, rows, setup, tables, command, curve)
-    lines += curve_section(study, curve, folder, command)
+    matters = what_matters(study, rows, setup, tables, values(rows.ok("baseline"), PRIMARY))
+    lines += matters + curve_section(study, curve, folder, command)
     written = ["curve.png"] if curve else []
     lines += ["## Results", "",
               f"Each variant is compared with the run it is paired with (the baseline; for a re-evaluation the run "
@@ -74,7 +76,7 @@ def write_report(study, folder, setup):
         if group == "one_at_a_time":  # by effect: the largest gain first, the variants without a ratio last
             effect = lambda v: compared[PRIMARY][v.name].mean if v.name in compared[PRIMARY] else math.inf
             shown = sorted(shown, key=effect)
-        lines += [*table_lines(study, rows, shown, compared), ""]
+        lines += [*group_paragraph(study, rows, shown, compared), *table_lines(study, rows, shown, compared), ""]
         if group == "sampling":
             lines += conditioning_table(study, rows)
         for plot in (ratio_chart(group, shown, compared, plots), loss_curves(group, study, rows, shown, plots)):
@@ -84,12 +86,14 @@ def write_report(study, folder, setup):
         lines += grid_mosaic([(f"`{v.name}` seed {s}: {fmt(r['metrics'][PRIMARY]['samples'], '.4g')}", r)
                               for v in shown for s, r in list(rows.ok(v.name).items())[:None if group == "baseline" else 1]])
         lines += [""]
-    lines += stale_section(rows, command) + not_yet_run(study, rows, command)
+    lines += tint_section(study, rows, tables) + stale_section(rows, command) + not_yet_run(study, rows, command)
     for old in set(glob.glob(os.path.join(plots, "*.png"))) - {os.path.join(plots, i) for i in written}:
         os.remove(old)  # a plot that this report does not show any more
     path = os.path.join(folder, "REPORT.md")
     with atomic_write(path, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
+    if scale.readme and default_study and os.path.realpath(folder) == os.path.realpath(os.path.join(REPO, scale.folder)):
+        write_readme_section(scale, matters)
     return path
 
 
@@ -249,16 +253,25 @@ def goal_lines(study, base, base_values):
                f"real avatars: 0)" if background else "") + "."]
 
 
+def cpu_time(row):
+    """A run's CPU seconds: as measured (process_cpu_seconds: its steps' user and system time), else
+    its wall time times its threads (rows from before the runner measured it, and the curve's)."""
+    return row.get("process_cpu_seconds") or row["cpu_seconds"]
+
+
 def run_time_lines(study, done, curve):
     """The study's total CPU (or GPU) time, and its longest run against the scale's limit."""
     cpu = [r for r in [*done, *curve] if r.get("cpu_seconds") is not None]
     if not cpu:
         return []
-    total = sum(r["cpu_seconds"] for r in cpu)
+    total = sum(map(cpu_time, cpu))
+    measured = sum(1 for r in cpu if r.get("process_cpu_seconds"))
+    how = (f"measured for {measured} of them, the others' wall time times their threads" if measured else
+           "each run's wall time times its threads")
     lines = [f"- **Total CPU time**: {total / 3600:.1f} CPU-hours ({total / 3600 / MACHINE_CORES:.1f} hours of a "
-             f"{MACHINE_CORES}-core machine) for {len(cpu)} finished runs and curve points."]
+             f"{MACHINE_CORES}-core machine) for {len(cpu)} finished runs and curve points ({how})."]
     limit = study.scale.run_minutes_allowed or study.scale.run_minutes_limit
-    minutes = {f"`{r['variant']}` seed {r['seed']}": run_minutes(r) if r in curve else r["cpu_seconds"] / MACHINE_CORES / 60
+    minutes = {f"`{r['variant']}` seed {r['seed']}": run_minutes(r) if r in curve else cpu_time(r) / MACHINE_CORES / 60
                for r in cpu if not r.get("of")}
     if limit and minutes:
         over = [name for name, m in minutes.items() if m > limit]
@@ -282,21 +295,31 @@ def unpaired_sigma(base_values):
     return (math.sqrt(2) * spread if spread else None), len(base_values) - 1
 
 
-def detectable_line(study, tables, base_values):
-    """The smallest change the study's seed count detects with 80% power: from the pooled paired
-    differences of the one-at-a-time table, else of the path's, else (an upper bound) from the
-    baseline's spread over seeds as if unpaired (unpaired_sigma)."""
+def detectable_sigma(tables, base_values):
+    """(sigma, df, words): the standard deviation of one paired log difference, from the pooled paired
+    differences of the one-at-a-time table, else of the path's, else (an upper bound, words None) from
+    the baseline's spread over seeds as if unpaired (unpaired_sigma); sigma None without any."""
     for group, words in (("one_at_a_time", "the one-at-a-time table"), ("path", "the path's table")):
         sigma, df = pooled_sigma(tables.get(group))
         if sigma:
-            break
-    else:
-        (sigma, df), words = (unpaired_sigma(base_values) if len(base_values) > 2 else (None, None)), None
+            return sigma, df, words
+    sigma, df = unpaired_sigma(base_values) if len(base_values) > 2 else (None, None)
+    return sigma, df, None
+
+
+def holm_variants(study):
+    """The most variants one table corrects over (Holm's strictest step divides alpha by it)."""
+    return max(sum(1 for v in study.variants if v.group == g and not v.not_runnable) for g in ("one_at_a_time", "path"))
+
+
+def detectable_line(study, tables, base_values):
+    """The smallest change the study's seed count detects with 80% power (detectable_sigma)."""
+    sigma, df, words = detectable_sigma(tables, base_values)
     if not sigma:
         return "not known yet: it needs the baseline on 3 seeds, or 2 seeds of one paired variant."
     seeds = variant_seeds(study)
     ratio = stats.detectable_ratio(sigma, seeds, df=df)
-    m = max(sum(1 for v in study.variants if v.group == g and not v.not_runnable) for g in ("one_at_a_time", "path"))
+    m = holm_variants(study)
     source = (f"the paired differences of {words} have a pooled standard deviation of {sigma:.3f} (log, {df} degrees "
               f"of freedom)" if words else
               f"no paired table yet: sqrt(2) times the baseline's spread over its seeds gives {sigma:.3f} (log, {df} "
@@ -314,12 +337,169 @@ def pooled_sigma(entry):
     return (comparison.se * math.sqrt(comparison.n), comparison.df) if comparison else (None, None)
 
 
+# ---- what matters --------------------------------------------------------------------------------
+
+WHAT_MATTERS = (  # group, its table's title, what each ratio is against
+    ("one_at_a_time", "One change from the baseline, the largest gain first", "the baseline"),
+    ("path", "From the seed's recipe to the baseline, one change a row, each keeping the rows above",
+     "the row above; the first row against the baseline"),
+    ("sampling", "The baseline's runs sampled otherwise (no training)", "the baseline's own sampler"),
+)
+SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM (deterministic)", "dpm": "DPM-Solver++ 2M"}
+README_BEGIN = "<!-- What matters: written by `python ablate.py report --scale {scale}` from its rows; do not edit by hand -->"
+README_END = "<!-- end of What matters -->"
+
+
+def what_matters(study, rows, setup, tables, base_values):
+    """The answer to "which components matter" at this scale, as far as its rows go: each change with
+    a paired ratio, its verdict, what the literature found (the study's LITERATURE) and whether the
+    two agree. The README's section of the same name is this text, where the scale says so."""
+    lines = ["## What matters", ""]
+    base = rows.ok("baseline")
+    first = next(iter(base.values()), None)
+    if first is None:
+        return lines + ["Nothing yet: the baseline has no finished run.", ""]
+    b = study.config(study.variant("baseline"))
+    minutes = sorted(cpu_time(r) / MACHINE_CORES / 60 for r in base.values() if r.get("cpu_seconds"))
+    cost = (f", about {minutes[len(minutes) // 2]:.0f} minutes of a {MACHINE_CORES}-core machine a run, evaluation "
+            f"included" if minutes else "")
+    sigma, df, _ = detectable_sigma(tables, base_values)
+    seeds = variant_seeds(study)
+    detectable = (f" With {seeds} seeds a change smaller than about x{stats.detectable_ratio(sigma, seeds, df=df):.2f} "
+                  f"(or x{1 / stats.detectable_ratio(sigma, seeds, df=df):.2f}) can be real and unseen: \"no detectable "
+                  f"effect\" is not \"no effect\"." if sigma else "")
+    counts = []
+    for group, _, _ in WHAT_MATTERS:
+        runnable = [v for v in study.variants if v.group == group and not v.not_runnable
+                    and (group != "sampling" or v.of == "baseline")]
+        if runnable:
+            done = sum(v.name in tables[group][1][PRIMARY] for v in runnable)
+            counts.append(f"{done} of {len(runnable)} {group.replace('_', '-') if group != 'path' else 'path'} rows")
+    lines += [f"At the {study.scale.name} scale: preset {study.preset(study.variant('baseline'))} "
+              f"({parameters(config_to_dict(b)) / 1e6:.2f}M parameters, width {width_label(b.channels)}), "
+              f"{setup.budget_kimg:g} thousand images a run ({math.ceil(setup.budget_kimg * 1000 / b.batch_size):,} "
+              f"steps of {b.batch_size}), "
+              f"{SAMPLER_LABELS[b.sampler]} with {b.sampling_steps} steps, {setup.precision}, {setup.num_samples:,} "
+              f"samples an evaluation{cost}, on {first['gpu'] or first['cpu']}. Every change trains on {seeds} of the baseline's "
+              f"seeds and is compared with the baseline on the same seeds. So far: {', '.join(counts)}; the report's "
+              f"\"Not yet run\" lists the rest.", "",
+              f"A ratio is the attribute FD (`{PRIMARY}`, the attribute network's offline FID, lower is better) with the change over "
+              f"without it, paired by seed, with its 95% interval: below 1 the change is better. **helps** and "
+              f"**hurts** hold after Holm's correction over the table.{detectable} This is what matters in the first "
+              f"{setup.budget_kimg * 1000:,.0f} images of this network, where the baseline is still improving "
+              f"fast; it cannot tell what matters at convergence, at the default's width or on other data. The "
+              f"literature column is mostly CIFAR-10 FID at convergence: compare directions, not sizes.", ""]
+    for group, title, against in WHAT_MATTERS:
+        variants, compared = tables.get(group, ([], {}))
+        shown = [v for v in variants if (v.name in compared.get(PRIMARY, {}) or rows.failed(v.name))
+                 and (group != "sampling" or v.of == "baseline")]
+        if not shown:
+            continue
+        if group == "one_at_a_time":
+            shown.sort(key=lambda v: compared[PRIMARY][v.name].mean if v.name in compared[PRIMARY] else math.inf)
+        lines += [f"**{title}** (ratios against {against}):", "",
+                  f"| change | attribute FD ratio [95% interval] | at this scale | background error [95% interval] | "
+                  f"literature | ours |", "|---|---|---|---|---|---|"]
+        for v in shown:
+            expected, found = study.literature.get(v.name, ("", "nothing published found"))
+            c = compared[PRIMARY].get(v.name)
+            if c is None:
+                reason = "; ".join(f"seed {r['seed']}: {r['reason']}" for r in rows.failed(v.name))
+                cells = ["failed", reason.replace("|", "/"), "-"]
+            else:
+                text, verdict = stats.describe(c)
+                tint = compared["background_error"].get(v.name)
+                cells = [text, {"not significant": "no detectable effect"}.get(verdict, f"**{verdict}**"
+                                                                                 if c.significant else verdict),
+                         (stats.describe(tint, lower_is_better=True)[0] + (" *" if tint.significant else ""))
+                         if tint else "-"]
+            verdict = stats.describe(c)[1] if c else ""
+            agrees = ("-" if not expected or verdict in ("", "no verdict") else
+                      "agrees" if verdict == expected or (verdict == "not significant" and expected == "none") else
+                      "not seen at this scale" if verdict == "not significant" else "disagrees")
+            lines.append(f"| `{v.name}`: {change_of(study, v).replace('|', '/')} | " + " | ".join(cells)
+                         + f" | {found} | {agrees} |")
+        lines.append("")
+    return lines
+
+
+def write_readme_section(scale, lines, readme=os.path.join(REPO, "README.md")):
+    """Put the report's "What matters" (its lines after the title) between the README's markers."""
+    begin = README_BEGIN.format(scale=scale.name)
+    with open(readme) as f:
+        text = f.read()
+    if begin not in text or README_END not in text:
+        raise UserError(f"{readme}: the markers of the section `ablate.py report --scale {scale.name}` writes are "
+                        f"missing; put back the lines {begin!r} and {README_END!r} under \"## What matters\"")
+    head, rest = text.split(begin, 1)
+    body = "\n".join(lines[2:]).rstrip()
+    text = f"{head}{begin}\n{body}\n{README_END}{rest.split(README_END, 1)[1]}"
+    with atomic_write(readme, "w") as f:
+        f.write(text)
+
+
 # ---- the tables ----------------------------------------------------------------------------------
 
 def change_of(study, v):
     if v.name == "baseline":
         return f"preset {study.preset(v)}"
     return v.note or " ".join(v.overrides) or f"preset {study.preset(v)}"
+
+
+def verdicts(variants, compared, key=PRIMARY, lower_is_better=True):
+    """{"helps": [...], "hurts": [...], "not significant": [...], "no verdict": [...]}: "name (ratio)" by verdict."""
+    found = {"helps": [], "hurts": [], "not significant": [], "no verdict": []}
+    for v in variants:
+        if v.name in compared[key]:
+            text, verdict = stats.describe(compared[key][v.name], lower_is_better)
+            found[verdict].append(f"`{v.name}` ({text.split(' [')[0].split(' (')[0]})")
+    return found
+
+
+def group_paragraph(study, rows, variants, compared):
+    """What the group's table shows, in numbers: which changes help, which hurt, how many show no
+    detectable effect, which failed."""
+    found = verdicts([v for v in variants if study.reference(v)], compared)
+    failed = [f"`{v.name}`" for v in variants if rows.failed(v.name) and not rows.ok(v.name)]
+    compared_count = sum(len(found[k]) for k in found)
+    if not compared_count and not failed:
+        return []
+    parts = [f"{compared_count} variant{'s' * (compared_count != 1)} with a paired ratio of {PRIMARY}"]
+    for verdict, words in (("helps", "better after Holm's correction"), ("hurts", "worse after Holm's correction")):
+        if found[verdict]:
+            parts.append(f"{len(found[verdict])} {words}: {', '.join(found[verdict])}")
+    if found["not significant"]:
+        parts.append(f"{len(found['not significant'])} with no detectable effect")
+    if found["no verdict"]:
+        parts.append(f"{len(found['no verdict'])} on one seed, without an interval")
+    if failed:
+        parts.append(f"{len(failed)} failed: {', '.join(failed)}")
+    return ["; ".join(parts) + ".", ""]
+
+
+def tint_section(study, rows, tables):
+    """Which changes remove the tinted backgrounds of short runs (the background error: the top
+    corners' mean distance from white, of 255; real avatars: 0), from every table's paired
+    differences of it, Holm-corrected over each table."""
+    base = values(rows.ok("baseline"), "background_error")
+    if not base:
+        return []
+    lines = ["## The tinted backgrounds", "",
+             f"Real avatars have pure white backgrounds; short runs draw some tinted. The background error (the top "
+             f"corners' mean distance from white, of 255) of the baseline is {mean(list(base.values())):.1f} (mean "
+             f"over {len(base)} seeds; real avatars: 0). Each table's paired differences of it, with Holm's "
+             f"correction over the table:", ""]
+    for group, (variants, compared) in tables.items():
+        found = verdicts([v for v in variants if study.reference(v)], compared, "background_error")
+        measured = sum(len(found[k]) for k in found)
+        if not measured:
+            continue
+        lines.append(f"- **{group}** ({measured} compared): "
+                     + "; ".join([f"lower with {', '.join(found['helps'])}" if found["helps"] else "lower with none",
+                                  f"higher with {', '.join(found['hurts'])}" if found["hurts"] else "higher with none",
+                                  f"{len(found['not significant']) + len(found['no verdict'])} without a detectable "
+                                  f"change"]) + ".")
+    return lines + ["", "Whether a longer budget alone removes the tint is not measured at this scale yet.", ""]
 
 
 def table_lines(study, rows, variants, compared):
@@ -364,14 +544,13 @@ def conditioning_table(study, rows):
              for of in ("baseline", "noise_cond_none") for s in CONDITIONING_SAMPLERS}
     if not any(cells.values()):
         return []
-    label = {"ddpm": "DDPM", "ddim": "DDIM (deterministic)", "dpm": "DPM-Solver++ 2M"}
     compared = stats.compare_table(
         {s: stats.paired_differences(cells["noise_cond_none", s], cells["baseline", s]) for s in CONDITIONING_SAMPLERS})
     lines = ["**Noise conditioning x sampler** (Sun et al. 2025: without the noise level most samplers degrade "
              "gracefully, deterministic DDIM fails). Each cell: " + PRIMARY + ", the geometric mean over seeds; the "
              "last row: off against on, paired by seed, with a variance pooled over the three samplers and Holm's "
              "correction over them.", "",
-             "| conditioning | " + " | ".join(f"{label[s]} {n}" for s, n in CONDITIONING_SAMPLERS) + " |",
+             "| conditioning | " + " | ".join(f"{SAMPLER_LABELS[s]} {n}" for s, n in CONDITIONING_SAMPLERS) + " |",
              "|---|" + "---|" * len(CONDITIONING_SAMPLERS)]
     for of, words in (("baseline", "on (`baseline`)"), ("noise_cond_none", "off (`noise_cond_none`)")):
         lines.append(f"| {words} | " + " | ".join(

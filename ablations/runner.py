@@ -229,7 +229,7 @@ class Runner:
         config = self.study.config(v)
         trained = self.study.variant(v.of) if v.of else v
         run_dir = run_dir or os.path.join(self.checkpoints, f"{budget_kimg:g}kimg", trained.name, f"seed{seed}")
-        self.local.seconds = {}
+        self.local.seconds, self.local.cpu_seconds = {}, {}
         eval_seed = self.setup.evaluation_seed if v.eval_seed is None else v.eval_seed
         row = dict(variant=v.name, group=v.group, scale=self.scale.name, preset=self.study.preset(trained),
                    overrides=[*trained.overrides, *(v.overrides if v.of else ())], of=v.of or None, seed=seed,
@@ -256,6 +256,10 @@ class Runner:
         # On a CPU each run has its own threads: its CPU time is its wall time times them.
         row["threads"] = slot[2]
         row["cpu_seconds"] = round(row["wall_seconds"] * slot[2], 1) if slot[1] == "cpu" and slot[2] else None
+        # ...and the CPU time its steps really used (user and system), which other load on the
+        # machine does not inflate; None where a step's could not be read.
+        used = list(self.local.cpu_seconds.values())
+        row["process_cpu_seconds"] = round(sum(used), 1) if used and None not in used and row["status"] == "ok" else None
         row["config"] = config_to_dict(config)
         return row
 
@@ -338,7 +342,7 @@ class Runner:
                 child = subprocess.Popen([sys.executable, os.path.join(REPO, command[0]), *map(str, command[1:])],
                                          env=env, stdout=out, stderr=err)
                 self.children.add(child)
-            code = child.wait()
+            code, cpu = wait_for(child)
             with self.lock:
                 self.children.discard(child)
         if self.stop.is_set() or code in (130, -signal.SIGINT, -signal.SIGTERM):
@@ -346,6 +350,17 @@ class Runner:
         if code != 0:
             raise RunFailed(f"{name} exit {code}: {last_line(err_path) or last_line(log_path) or 'no output'}")
         self.local.seconds[name] = round(time.time() - started, 1)
+        self.local.cpu_seconds[name] = cpu
+
+
+def wait_for(child):
+    """(its exit code, the CPU seconds it used, user and system, or None): os.wait4 reads both."""
+    try:
+        _, status, usage = os.wait4(child.pid, 0)
+    except ChildProcessError:  # reaped by another thread's Popen.wait (a stop): its code, no time
+        return child.wait(), None
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, usage.ru_utime + usage.ru_stime
 
 
 def raise_keyboard_interrupt(*_):

@@ -73,6 +73,7 @@ class Scale:
     path_fixed: tuple = ()        # fields the path takes from the baseline from its first row
     tuning: tuple = ()            # (learning rate, batch) pairs of the sweep (tuning_variants)
     grid_size: str = "8x4"        # each run's grid of its first samples, COLSxROWS
+    readme: bool = False          # its report's "What matters" is also the README's (report.write_readme_section)
 
 
 SCALES = {
@@ -90,7 +91,7 @@ SCALES = {
         curve_overrides=("learning_rate=0.001",),  # the curve ran before the sweep chose the baseline's 2e-3
         path_fixed=("channels", "batch_size", *SAMPLER_FIELDS),
         tuning=((5e-4, 64), (1e-3, 64), (2e-3, 64), (4e-3, 64), (1e-3, 32), (1e-3, 128)), grid_size="16x8",
-        groups=("baseline", "tuning", "path", "evaluation_noise", "one_at_a_time", "sampling", "peer"),
+        groups=("baseline", "tuning", "path", "evaluation_noise", "one_at_a_time", "sampling", "peer"), readme=True,
         budget_note="chosen by the curve below (2026-12-02, AMD EPYC, 2 cores): of the runs of at most 10 minutes, "
                     "the best was width 16-32-64-64 at 50 kimg (9.2 minutes), 23x its floor, short of the goal of "
                     "10x; so runs may take up to 15 minutes, and the best within them is the same width at 75 kimg "
@@ -264,6 +265,89 @@ def peer_variants():
                 note="the same network with diffusers' example recipe (train_unconditional.py), as far as our "
                      "fields reach"),
     ]
+
+
+# ---- what published ablations found, for the report's "What matters" ----------------------------
+
+# variant: (what the literature leads one to expect of the variant's own change, from its reference:
+# "helps", "hurts", "none", or "" where nothing published is the same change; what was found, in our
+# words). Sources: ../shared/LITERATURE.md. Mostly CIFAR-10 FID at convergence: compare directions.
+TARGETS_ALIKE = ("none", "Salimans & Ho 2022: eps, x0 and v within 0.2 FID at convergence with a stochastic sampler; "
+                         "2.51 to 3.27 with DDIM")
+EMA_FOUND = "DDPM's checkpoint: 3.21 with EMA 0.9999, 12.14 with the raw weights"
+LITERATURE = {
+    "noise_cond_none": ("hurts", "Sun et al. 2025: most models degrade gracefully without the noise level, "
+                                 "deterministic samplers such as DDIM badly"),
+    "norm_batch": ("", "no published comparison; DDPM took GroupNorm for simplicity"),
+    "norm_none": ("", "EDM2 gained without normalisation (3.02 -> 2.71), in a magnitude-preserving network, "
+                      "which ours is not"),
+    "dropout_0": ("", "mixed: ADM (ImageNet-64) 2.07 with dropout, 2.61 without; EDM2 finds it harmful for "
+                      "its smallest networks"),
+    "attention_16_8": ("helps", "ADM (ImageNet-128): attention at 32, 16 and 8 over 16 alone, about -0.7 FID"),
+    "attention_none": ("", "no 32x32 result without attention"),
+    "noise_sampling_cosine": ("", "iDDPM: cosine beat linear at 64x64 (27.0 vs 31.3), as the schedule of "
+                                  "training and sampling; here only the training draws change"),
+    "noise_sampling_edm_lognormal": ("", "EDM Table 2: log-normal noise levels with EDM's loss weighting, "
+                                         "2.29 -> 2.05 together; here without the weighting"),
+    "noise_sampling_uniform_alpha_bar": ("", "no published comparison"),
+    "target_x0": TARGETS_ALIKE,
+    "target_v": TARGETS_ALIKE,
+    "loss_weighting_min_snr_5": ("helps", "Hang et al. 2023: mostly faster early training (7.32 vs 8.55 FID "
+                                          "at 200k steps, 4.14 vs 4.21 at 1M)"),
+    "zero_terminal_snr": ("", "Lin et al. 2024: fixes a wrong overall brightness or colour (see the background "
+                              "error), no FID on our kind of data"),
+    "optimizer_adam": ("none", "with weight decay 0, as here, AdamW is Adam: a null change, the study "
+                               "checking itself"),
+    "ema_off": ("hurts", EMA_FOUND),
+    "ema_0.9999": ("", "EDM2: the best EMA length grows with training; DDPM's 0.9999 was for 800k steps"),
+    "zero_init_off": ("", "DDPM and ADM zero their output layers, with no published ablation"),
+    "data_range_0_1": ("", "no published numbers"),
+    "baseline_clamp_off": ("", "no published numbers"),
+    "baseline_trailing": ("", "Lin et al. 2024: trailing steps matter where a sampler would not start at the last "
+                              "step; ours start there"),
+    "path_B_learning_rate": ("helps", "EDM: retuning the hyperparameters alone, 3.01 -> 2.51"),
+    "path_D_noise_cond": ("helps", "Sun et al. 2025: deterministic samplers such as DDIM need the noise "
+                                   "level"),
+    "path_E_ema": ("helps", EMA_FOUND),
+    "path_F_groupnorm": ("", "no published comparison"),
+    "path_G_linear_beta_t": ("", "no published comparison with uniform alpha-bar"),
+}
+
+
+# CIFAR-10 FID of one trained model by sampler and steps: DDIM Table 1 on DDPM's checkpoint (our
+# DDPM sampler has the posterior variance, diffusers' fixed_small: that table's eta = 1 row), and
+# DPM-Solver's own paper (another model).
+SAMPLER_FID = {
+    ("ddim", 10): 13.36, ("ddim", 20): 6.84, ("ddim", 50): 4.67, ("ddim", 100): 4.16, ("ddim", 1000): 4.04,
+    ("ddpm", 10): 41.07, ("ddpm", 20): 18.36, ("ddpm", 50): 8.01, ("ddpm", 100): 5.78, ("ddpm", 1000): 4.73,
+    ("dpm", 10): 4.70, ("dpm", 20): 2.87,
+}
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpm": "DPM-Solver"}
+
+
+def published_fid(sampler, steps):
+    """(FID, the steps it was published at): at `steps`, else at the nearest fewer steps; (None, None)."""
+    known = [n for s, n in SAMPLER_FID if s == sampler and n <= steps]
+    return (SAMPLER_FID[sampler, max(known)], max(known)) if known else (None, None)
+
+
+def literature(scale):
+    """LITERATURE, and for each re-sampling of the baseline what the published FIDs expect of it
+    against the baseline's own sampler: hurts or helps beyond 15%, else none."""
+    b = make_config(dict(scale.presets).get("default", "default"))
+    entries = dict(LITERATURE)
+    mine, mine_at = published_fid(b.sampler, b.sampling_steps)
+    for sampler, steps in SAMPLERS:
+        name, (fid, at) = sampled_by("baseline", sampler, steps, b), published_fid(sampler, steps)
+        if name == "baseline" or fid is None or mine is None:
+            continue
+        ratio = fid / mine
+        words = lambda s, n, at: f"{SAMPLER_NAMES[s]} {n}" + (f" (its {at}-step figure)" if at != n else "")
+        source = {0: "DDIM Table 1", 1: "DDIM Table 1 and DPM-Solver's paper: two models", 2: "DPM-Solver's paper"}
+        entries[name] = ("hurts" if ratio > 1.15 else "helps" if ratio < 1 / 1.15 else "none",
+                         f"{words(sampler, steps, at)}: {fid:.2f}, against {mine:.2f} for "
+                         f"{words(b.sampler, b.sampling_steps, mine_at)} ({source[(sampler, b.sampler).count('dpm')]})")
+    return entries
 
 
 def variants(scale):

@@ -205,7 +205,7 @@ def test_a_path_row_that_reaches_the_baseline_shows_the_baselines_runs_on_its_se
     for r in written:
         rows.append_row(tmp_path / "results.jsonl", r)
     text = open(report.write_report(study, str(tmp_path), setup)).read()
-    line = next(line for line in text.splitlines() if line.startswith("| `path_B`"))
+    line = next(line for line in text.splitlines() if line.startswith("| `path_B` |"))
     assert "| `path_A` | 2 | 100.5 | x0.50 [" in line, line  # its 2 seeds against the row above, not 3
 
     # A row that claims another's runs but trains something else fails when the study loads.
@@ -464,11 +464,13 @@ def test_the_header_warns_of_mixed_precisions_and_machines_and_counts_the_cpu_ti
     setup = Setup.of(study.scale)
     same = dict(threads=1, cpu_seconds=60.0)
     for r in [fake_row(study, setup, "baseline", 0, 100.0, **same), fake_row(study, setup, "baseline", 1, 110.0, **same),
-              fake_row(study, setup, "baseline", 2, 120.0, threads=1, cpu_seconds=180.0)]:
+              fake_row(study, setup, "baseline", 2, 120.0, threads=1, cpu_seconds=400.0, process_cpu_seconds=180.0)]:
         rows.append_row(tmp_path / "results.jsonl", r)
     text = open(report.write_report(study, str(tmp_path), setup)).read()
     assert "- Precision: fp32, for every row (toy scale)." in text and "different machines" not in text
-    assert "- **Total CPU time**: 0.1 CPU-hours (0.0 hours of a 2-core machine) for 3 finished runs" in text
+    assert ("- **Total CPU time**: 0.1 CPU-hours (0.0 hours of a 2-core machine) for 3 finished runs and curve points (measured for 1 "
+            "of them, the others' wall time times their threads).") in text
+    # Measured CPU time, where a row has it: 180 s, not the 400 of its wall time that other load stretched.
     assert "the longest run, `baseline` seed 2, took 1.5; 1 passed the limit: `baseline` seed 2." in text
     assert "sqrt(2) times the baseline's spread over its seeds" in text  # no paired table yet: the upper bound
     rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "baseline", 1, 111.0, precision="bf16",
@@ -607,6 +609,17 @@ def results_of(out):
     return [json.loads(line) for line in open(out / "results.jsonl")]
 
 
+def test_a_step_records_the_cpu_time_it_used_not_its_wall_time():
+    """runner.wait_for reads the child's own user and system time: a child that sleeps uses almost
+    none, one that computes uses about its wall time; and its exit code."""
+    code = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\ntime.sleep({})\nsys.exit(3)"
+    busy = subprocess.Popen([PYTHON, "-c", code.format(0.6, 0)])
+    idle = subprocess.Popen([PYTHON, "-c", code.format(0, 0.6)])
+    (busy_code, busy_cpu), (idle_code, idle_cpu) = runner_module.wait_for(busy), runner_module.wait_for(idle)
+    assert busy_code == idle_code == 3 and busy.returncode == 3
+    assert busy_cpu >= 0.6 and idle_cpu < 0.5, (busy_cpu, idle_cpu)
+
+
 def test_a_stop_ends_a_run_that_ignores_sigint(tmp_path):
     """A study started in the background (`nohup ... &`) hands its runs an ignored SIGINT, so the stop
     (a deadline's end, SIGTERM to the study) must reach them by another signal."""
@@ -672,6 +685,7 @@ def test_the_study_end_to_end_on_tiny_data(tmp_path):
     for key, row in ok.items():
         assert (row["budget_kimg"], row["num_samples"], row["steps"], row["images_seen"]) == (0.128, 32, 8, 128), key
         assert row["torch"] and row["commit"] and isinstance(row["dirty"], int) and row["wall_seconds"] > 0
+        assert 0 < row["process_cpu_seconds"] < 4 * row["wall_seconds"], key  # its steps' own CPU time
         assert row["setup_hash"] == Setup.of(plan.load_study(study, "toy").scale).hash
         assert Image.open(out / row["grid"]).size == (256, 128) and pixel_spread(out / row["grid"]) > 5
         assert not os.path.exists(os.path.join(row["run_dir"], "best_validation_checkpoint.pth"))
@@ -762,3 +776,93 @@ def test_the_sampling_section_sets_conditioning_against_sampler_and_one_at_a_tim
     one = [line.split(" | ")[0][2:] for line in lines if line.startswith("| `") and line.split(" | ")[0][2:] in
            ("`norm_batch`", "`width_double`")]
     assert one == ["`width_double`", "`norm_batch`"]  # x0.70 before x1.50
+
+
+def test_what_matters_gives_each_change_its_verdict_the_literature_and_whether_they_agree(tmp_path):
+    """The section the README shows: every change with a paired ratio, its verdict after Holm, the
+    study's LITERATURE entry, and agrees / disagrees / not seen, by the direction the literature
+    expects of that change."""
+    study = load("gpu")
+    setup = Setup.of(study.scale)
+    base = {0: 100.0, 1: 140.0}
+    effects = {"ema_off": 2.0, "noise_cond_none": 1.0, "target_x0": 1.0, "optimizer_adam": 0.5, "norm_batch": 1.0,
+               "act_relu": 1.01, "down_conv": 0.99}
+    for seed, fd in base.items():
+        rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "baseline", seed, fd))
+        for name, ratio in effects.items():  # a little noise for the pooled variance
+            rows.append_row(tmp_path / "results.jsonl",
+                            fake_row(study, setup, name, seed, fd * ratio * (1.02 if seed else 0.98)))
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    section = text[text.index("## What matters"):text.index("## The budget curve")]
+    line = lambda name: next(row for row in section.splitlines() if row.startswith(f"| `{name}`:"))
+    assert "hurts** |" in line("ema_off") and line("ema_off").endswith(
+        f"| {study.literature['ema_off'][1]} | agrees |")
+    assert "| no detectable effect |" in line("noise_cond_none") and line("noise_cond_none").endswith(
+        "| not seen at this scale |")  # the literature expects it to hurt
+    assert line("target_x0").endswith("| agrees |")  # expected: no effect
+    assert "helps** |" in line("optimizer_adam") and line("optimizer_adam").endswith("| disagrees |")
+    assert line("norm_batch").endswith("| no published comparison; DDPM took GroupNorm for simplicity | - |")
+    assert line("act_relu").endswith("| nothing published found | - |")
+    order = [row.split("`")[1] for row in section.splitlines() if row.startswith("| `")]
+    assert order[0] == "optimizer_adam" and order[-1] == "ema_off"  # by effect
+    assert f"So far: {len(effects)} of {sum(v.group == 'one_at_a_time' for v in study.variants)} one-at-a-time rows" in section
+
+
+def test_the_readme_section_is_the_cpu_reports_what_matters(tmp_path):
+    """README.md's "What matters" is, between its markers, the committed cpu report's section; the
+    report puts it there, and says in one line which file lacks the markers."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    begin = report.README_BEGIN.format(scale="cpu")
+    readme = text[text.index(begin) + len(begin):text.index(report.README_END)].strip()
+    cpu = open(os.path.join(REPO, "ablations", "cpu", "REPORT.md")).read()
+    section = cpu[cpu.index("## What matters"):].split("\n## ", 1)[0]
+    assert readme == section.removeprefix("## What matters").strip()
+    assert text.index("## What matters") < text.index("## Three minutes on one GPU")  # near the top
+    mine = tmp_path / "README.md"
+    mine.write_text(f"# x\n\n## What matters\n\n{begin}\nold\n{report.README_END}\n\n## Next\n")
+    report.write_readme_section(load("cpu").scale, ["## What matters", "", "new", "| a |"], readme=str(mine))
+    assert mine.read_text() == f"# x\n\n## What matters\n\n{begin}\nnew\n| a |\n{report.README_END}\n\n## Next\n"
+    mine.write_text("# x\n")
+    with pytest.raises(UserError, match=f"{mine}: the markers"):
+        report.write_readme_section(load("cpu").scale, ["## What matters", "", "new"], readme=str(mine))
+
+
+def test_each_group_says_what_its_table_shows_and_the_tint_section_which_changes_remove_the_tint(tmp_path):
+    """A paragraph per group (better, worse, no detectable effect, failed, by the rule), and the
+    background error's paired differences per table: which changes lower it, which raise it."""
+    study = load("gpu")
+    setup = Setup.of(study.scale)
+    fds = {"baseline": 100.0, "ema_off": 200.0, "zero_terminal_snr": 100.0, "norm_batch": 100.0, "act_relu": 100.0}
+    tints = {"baseline": 50.0, "ema_off": 50.0, "zero_terminal_snr": 5.0, "norm_batch": 90.0, "act_relu": 50.0}
+    for name in fds:
+        for seed in (0, 1):
+            r = fake_row(study, setup, name, seed, fds[name] * (1.02 if seed else 0.98))
+            r["metrics"]["background_error"] = {"samples": tints[name] + seed, "floor": 0.0}
+            rows.append_row(tmp_path / "results.jsonl", r)
+    rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "width_half", 0, None, status="failed"))
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    one = text[text.index("### one_at_a_time"):]
+    assert one.splitlines()[2] == ("4 variants with a paired ratio of attribute_fd; 1 worse after Holm's correction: "
+                                   "`ema_off` (x2.00); 3 with no detectable effect; 1 failed: `width_half`.")
+    tint = text[text.index("## The tinted backgrounds"):]
+    assert "of the baseline is 50.5 (mean over 2 seeds; real avatars: 0)" in tint
+    assert ("- **one_at_a_time** (4 compared): lower with `zero_terminal_snr` (-45.000); higher with `norm_batch` "
+            "(+40.000); 2 without a detectable change.") in tint
+    matters = text[text.index("## What matters"):text.index("## The budget curve")]
+    assert "| `width_half`: channels=(32,64,128,128) | failed | seed 0: train.py exit 1: boom | - |" in matters
+
+
+def test_the_literature_expects_of_a_sampler_what_the_published_fids_say_against_the_baselines():
+    """DDIM Table 1 and DPM-Solver's figures, against the baseline's own sampler: the cpu baseline's
+    DPM-Solver 25 (its 20-step figure) beats DDIM at 50 steps; the toy baseline's DDIM 20 loses to
+    DPM-Solver at 10; an unpublished step count takes the nearest fewer steps' figure."""
+    cpu, toy = load("cpu").literature, load("toy").literature
+    assert cpu["baseline_ddim_50"] == ("hurts", "DDIM 50: 4.67, against 2.87 for DPM-Solver 25 (its 20-step figure) "
+                                                "(DDIM Table 1 and DPM-Solver's paper: two models)")
+    assert cpu["baseline_dpm_20"][0] == "none" and cpu["ema_off"][0] == "hurts"
+    assert toy["baseline_dpm_10"][0] == "helps"  # 4.70 against DDIM 20's 6.84
+    from importlib import util
+    spec = util.spec_from_file_location("the_study", os.path.join(REPO, report.STUDY))
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.published_fid("ddim", 30) == (6.84, 20) and module.published_fid("dpm", 5) == (None, None)
