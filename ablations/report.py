@@ -3,6 +3,7 @@
 the run it is paired with (plan.Study.reference), seed by seed, as a ratio with its 95% interval and
 a verdict corrected over the table.
 """
+import dataclasses
 import glob
 import math
 import os
@@ -86,7 +87,10 @@ def write_report(study, folder, setup):
         lines += grid_mosaic([(f"`{v.name}` seed {s}: {fmt(r['metrics'][PRIMARY]['samples'], '.4g')}", r)
                               for v in shown for s, r in list(rows.ok(v.name).items())[:None if group == "baseline" else 1]])
         lines += [""]
-    lines += tint_section(study, rows, tables) + stale_section(rows, command) + not_yet_run(study, rows, command)
+    lines += default_preset_section(study, tables)
+    longer = longer_rows(study, setup, folder)
+    lines += longer_budget_section(study, rows, setup, tables, longer, command)
+    lines += tint_section(study, rows, tables, longer) + stale_section(rows, command) + not_yet_run(study, rows, command)
     for old in set(glob.glob(os.path.join(plots, "*.png"))) - {os.path.join(plots, i) for i in written}:
         os.remove(old)  # a plot that this report does not show any more
     path = os.path.join(folder, "REPORT.md")
@@ -477,7 +481,111 @@ def group_paragraph(study, rows, variants, compared):
     return ["; ".join(parts) + ".", ""]
 
 
-def tint_section(study, rows, tables):
+def default_preset_section(study, tables):
+    """What the one-at-a-time table says of each field of the baseline's preset: a field whose
+    change helps after Holm's correction would take the best such value; every other field keeps
+    its value, and the section says why (its changes hurt, or showed no detectable effect)."""
+    variants, compared = tables.get("one_at_a_time", ([], {}))
+    measured = [v for v in variants if v.name in compared.get(PRIMARY, {})]
+    if not measured:
+        return []
+    base = study.variant("baseline")
+    b = study.config(base)
+    by_fields = {}
+    for v in measured:
+        fields = tuple(o.partition("=")[0] for o in v.overrides)
+        by_fields.setdefault(fields, []).append(v)
+    lines = ["## The default preset", "",
+             f"What the one-at-a-time table says of each field of preset {study.preset(base)}, the baseline: a field "
+             f"whose change **helps** after Holm's correction would take the best such value; every other field "
+             f"keeps its value. So far {len(measured)} of {len(variants)} changes have a ratio.", "",
+             "| field(s) | the baseline's value | changes measured (ratio, verdict) | the evidence |", "|---|---|---|---|"]
+    for fields, vs in by_fields.items():
+        found = {v.name: stats.describe(compared[PRIMARY][v.name]) for v in vs}
+        helps = sorted((v for v in vs if found[v.name][1] == "helps"), key=lambda v: compared[PRIMARY][v.name].mean)
+        value = ", ".join(str(getattr(b, f)) for f in fields)
+        measured_text = "; ".join(f"`{v.name}` {found[v.name][0].split(' [')[0]} {found[v.name][1]}" for v in vs)
+        if helps:
+            evidence = f"**change to {' '.join(helps[0].overrides)}** (`{helps[0].name}`)"
+        elif any(found[v.name][1] == "hurts" for v in vs):
+            evidence = "keeps it: " + ("its changes hurt" if all(found[v.name][1] == "hurts" for v in vs) else
+                                       "no change helped, some hurt")
+        else:
+            evidence = "keeps it: no detectable effect"
+        lines.append(f"| {', '.join(f'`{f}`' for f in fields)} | {value} | {measured_text} | {evidence} |")
+    return lines + [""]
+
+
+LONGER_BUDGET_EFFECTS = 3  # the one-at-a-time table's largest effects that the longer budget checks
+
+
+def longer_rows(study, setup, folder):
+    """(the longer budget's Setup, its Rows, its folder's name), or None where the scale has no check."""
+    factor = study.scale.longer_budget
+    if not factor:
+        return None
+    longer = dataclasses.replace(setup, budget_kimg=factor * setup.budget_kimg)
+    sub = f"budget_{factor:g}x"
+    return longer, Rows.of(study, longer, read_rows(os.path.join(folder, sub))), sub
+
+
+def longer_budget_section(study, rows, setup, tables, longer, command):
+    """Does the ranking hold when training runs longer? The baseline and the one-at-a-time table's
+    largest effects (by |log ratio|), on seed 0 at scale.longer_budget times the budget, their rows
+    in <folder>/budget_<factor>x (longer_rows), beside their ratios at the study's budget. A single
+    seed's interval takes the one-at-a-time table's pooled noise of one paired difference."""
+    variants, compared = tables.get("one_at_a_time", ([], {}))
+    if not longer or not compared.get(PRIMARY):
+        return []
+    factor = study.scale.longer_budget
+    longer, long_rows, sub = longer
+    largest = sorted(compared[PRIMARY].values(), key=lambda c: -abs(c.mean))[:LONGER_BUDGET_EFFECTS]
+    names = [c.variant for c in largest] + sorted(n for n, s in long_rows.current if n not in
+                                                  ("baseline", *[c.variant for c in largest]) and s == 0)
+    run = command("--budget_kimg", f"{longer.budget_kimg:g}", "--out", f"{study.scale.folder}/{sub}", "--seeds", "0",
+                  "--only", ",".join(["baseline", *[c.variant for c in largest]]))
+    lines = ["## A longer budget", "",
+             f"Does the ranking hold when training runs longer? The baseline and the one-at-a-time table's "
+             f"{LONGER_BUDGET_EFFECTS} largest effects (by the size of their ratio, now), on seed 0, at {factor:g}x the "
+             f"budget ({longer.budget_kimg:g} thousand images): `{run}`. One seed has no spread of its own, so its "
+             f"interval takes the noise of one paired difference pooled over the one-at-a-time table at "
+             f"{setup.budget_kimg:g} thousand images, an assumption; it is not corrected for the other rows.", ""]
+    base_long = long_rows.ok("baseline").get(0)
+    base_short = rows.ok("baseline").get(0)
+    sigma, df = pooled_sigma(tables.get("one_at_a_time"))
+    key = lambda r: r["metrics"][PRIMARY]["samples"]
+    tint = lambda r: fmt((r["metrics"].get("background_error") or {}).get("samples"), ".1f") if r else "-"
+    lines += [f"| variant | {setup.budget_kimg:g} kimg, seeds paired | {setup.budget_kimg:g} kimg, seed 0 | "
+              f"{longer.budget_kimg:g} kimg, seed 0 [95% interval] | verdict | background error, seed 0 |",
+              "|---|---|---|---|---|---|",
+              f"| `baseline` ({PRIMARY}) | {fmt(geometric_mean(values(rows.ok('baseline'), PRIMARY).values()), '.4g')} "
+              f"| {fmt(key(base_short) if base_short else None, '.4g')} | {fmt(key(base_long) if base_long else None, '.4g')} "
+              f"| - | {tint(base_short)} -> {tint(base_long)} |"]
+    order = {}
+    for name in names:
+        short, paired = rows.ok(name).get(0), compared[PRIMARY].get(name)
+        long = long_rows.ok(name).get(0)
+        cells = [stats.describe(paired)[0] if paired else "-",
+                 f"x{key(short) / key(base_short):.2f}" if short and base_short else "-"]
+        if long and base_long and sigma:
+            c = stats.one_difference(name, math.log(key(long) / key(base_long)), sigma, df)
+            text, verdict = stats.describe(c)
+            cells += [text, verdict]
+            order[name] = c.mean
+        else:
+            cells += ["not run yet", "-"]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {tint(short)} -> {tint(long)} |")
+    if len(order) > 1:
+        before = [n for n in sorted(order, key=lambda n: compared[PRIMARY][n].mean) if n in compared[PRIMARY]]
+        after = sorted(before, key=order.get)
+        lines += ["", f"Ranked by their ratio, best first: {', '.join(f'`{n}`' for n in before)} at "
+                      f"{setup.budget_kimg:g} thousand images; {', '.join(f'`{n}`' for n in after)} at "
+                      f"{longer.budget_kimg:g} thousand. " + ("**The ranking holds.**" if before == after else
+                                                             "**The ranking changes.**")]
+    return lines + [""]
+
+
+def tint_section(study, rows, tables, longer=None):
     """Which changes remove the tinted backgrounds of short runs (the background error: the top
     corners' mean distance from white, of 255; real avatars: 0), from every table's paired
     differences of it, Holm-corrected over each table."""
@@ -499,7 +607,17 @@ def tint_section(study, rows, tables):
                                   f"higher with {', '.join(found['hurts'])}" if found["hurts"] else "higher with none",
                                   f"{len(found['not significant']) + len(found['no verdict'])} without a detectable "
                                   f"change"]) + ".")
-    return lines + ["", "Whether a longer budget alone removes the tint is not measured at this scale yet.", ""]
+    long = longer[1].ok("baseline").get(0) if longer else None
+    short = rows.ok("baseline").get(0)
+    tint = lambda r: (r["metrics"].get("background_error") or {}).get("samples")
+    if long and short and tint(long) is not None and tint(short) is not None:
+        budget = (f"At {longer[0].budget_kimg:g} thousand images the baseline's seed 0 has a background error of "
+                  f"{tint(long):.1f}, against {tint(short):.1f} at {longer[0].budget_kimg / study.scale.longer_budget:g} "
+                  f"thousand (one seed each): the budget alone " + ("lowers" if tint(long) < tint(short) else
+                                                                     "does not lower") + " it.")
+    else:
+        budget = "Whether a longer budget alone removes the tint is not measured at this scale yet."
+    return lines + ["", budget, ""]
 
 
 def table_lines(study, rows, variants, compared):

@@ -163,6 +163,15 @@ def detectable_ratio(sigma, n, alpha=ALPHA, power=0.8, df=None):
     return math.exp(optimize.brentq(shortfall, 0.0, high) * se)
 
 
+def one_difference(variant, d, sigma, df, scale="log"):
+    """A Comparison for a single paired difference d, whose standard deviation sigma (with df degrees
+    of freedom) comes from elsewhere: a table's pooled variance, where the one seed gives none. Its
+    interval and p assume that noise; it is not corrected for any other test."""
+    half = float(stats.t.ppf(1 - ALPHA / 2, df)) * sigma
+    p = float(2 * stats.t.sf(abs(d) / sigma, df))
+    return Comparison(variant, 1, d, sigma, df, d - half, d + half, p, p, p < ALPHA, True, scale)
+
+
 def describe(c, lower_is_better=True):
     """(text, verdict) for the report. text: "x1.32 [1.10, 1.58]" on the log scale (the ratio and its
     interval), "+0.031 [+0.010, +0.052]" on the diff scale, "(no interval)" without one. verdict:

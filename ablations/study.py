@@ -74,6 +74,7 @@ class Scale:
     tuning: tuple = ()            # (learning rate, batch) pairs of the sweep (tuning_variants)
     grid_size: str = "8x4"        # each run's grid of its first samples, COLSxROWS
     readme: bool = False          # its report's "What matters" is also the README's (report.write_readme_section)
+    longer_budget: float = 0      # the check at this factor of the budget (report.longer_budget_section), 0: none
 
 
 SCALES = {
@@ -92,6 +93,7 @@ SCALES = {
         path_fixed=("channels", "batch_size", *SAMPLER_FIELDS),
         tuning=((5e-4, 64), (1e-3, 64), (2e-3, 64), (4e-3, 64), (1e-3, 32), (1e-3, 128)), grid_size="16x8",
         groups=("baseline", "tuning", "path", "evaluation_noise", "one_at_a_time", "sampling", "peer"), readme=True,
+        longer_budget=4,
         budget_note="chosen by the curve below (2026-12-02, AMD EPYC, 2 cores): of the runs of at most 10 minutes, "
                     "the best was width 16-32-64-64 at 50 kimg (9.2 minutes), 23x its floor, short of the goal of "
                     "10x; so runs may take up to 15 minutes, and the best within them is the same width at 75 kimg "

@@ -866,3 +866,59 @@ def test_the_literature_expects_of_a_sampler_what_the_published_fids_say_against
     module = util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.published_fid("ddim", 30) == (6.84, 20) and module.published_fid("dpm", 5) == (None, None)
+
+
+def test_the_longer_budget_checks_the_largest_effects_on_seed_0_and_says_whether_the_ranking_holds(tmp_path):
+    """The one-at-a-time table's 3 largest effects and the baseline at 4x the cpu scale's budget, their rows
+    in budget_4x/: each seed-0 ratio beside its ratios at the study's budget, its interval from the
+    table's pooled noise of one paired difference (stats.one_difference), and the ranking at both."""
+    study = load("cpu")
+    setup = Setup.of(study.scale)
+    longer = Setup.of(study.scale, budget_kimg=4 * setup.budget_kimg)
+    (tmp_path / "budget_4x").mkdir()
+    effects = {"ema_off": 3.0, "width_half": 1.6, "lr_x2": 0.5, "act_relu": 1.05, "norm_batch": 0.97}
+    tinted = lambda row, tint: {**row, "metrics": {**row["metrics"], "background_error": {"samples": tint, "floor": 0}}}
+    for seed in (0, 1):
+        rows.append_row(tmp_path / "results.jsonl", tinted(fake_row(study, setup, "baseline", seed, 100.0 + seed), 20.0))
+        for name, ratio in effects.items():
+            rows.append_row(tmp_path / "results.jsonl",
+                            fake_row(study, setup, name, seed, (100.0 + seed) * ratio * (1.03 if seed else 0.97)))
+    at_4x = {"baseline": 50.0, "ema_off": 60.0, "width_half": 100.0, "lr_x2": 40.0}  # width_half now worse than ema_off
+    for name, fd in at_4x.items():
+        rows.append_row(tmp_path / "budget_4x" / "results.jsonl", tinted(fake_row(study, longer, name, 0, fd), 5.0))
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    section = text[text.index("## A longer budget"):].split("\n## ", 1)[0]
+    assert "| x0.50 [" in next(row for row in section.splitlines() if row.startswith("| `lr_x2` |"))
+    assert ("`bash ablate.sh --scale cpu --budget_kimg 300 --out ablations/cpu/budget_4x --seeds 0 --only "
+            "baseline,ema_off,lr_x2,width_half`") in section
+    sigma, df = report.pooled_sigma(report.table(study, rows.Rows.of(study, setup, rows.read_rows(str(tmp_path))),
+                                                 "one_at_a_time"))
+    expected = stats.describe(stats.one_difference("width_half", math.log(100 / 50), sigma, df))[0]
+    line = next(row for row in section.splitlines() if row.startswith("| `width_half` |"))
+    assert f"| x{1.6 * 0.97:.2f} | {expected} |" in line, line
+    assert "| `baseline` (attribute_fd) | 100.5 | 100 | 50 |" in section
+    assert ("Ranked by their ratio, best first: `lr_x2`, `width_half`, `ema_off` at 75 thousand images; `lr_x2`, "
+            "`ema_off`, `width_half` at 300 thousand. **The ranking changes.**") in section
+    assert ("At 300 thousand images the baseline's seed 0 has a background error of 5.0, against 20.0 at 75 "
+            "thousand (one seed each): the budget alone lowers it.") in text
+
+
+def test_the_default_preset_section_changes_a_field_only_where_a_change_helps(tmp_path):
+    """A field takes a new value only where its change helps after Holm's correction (the best of
+    those); else it keeps its value, and says whether its changes hurt or showed nothing."""
+    study = load("cpu")
+    setup = Setup.of(study.scale)
+    effects = {"lr_x2": 0.5, "lr_x0.5": 1.5, "ema_off": 2.0, "act_relu": 1.01, "act_gelu": 0.99}
+    for seed in (0, 1):
+        rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "baseline", seed, 100.0 + seed))
+        for name, ratio in effects.items():
+            rows.append_row(tmp_path / "results.jsonl",
+                            fake_row(study, setup, name, seed, (100.0 + seed) * ratio * (1.02 if seed else 0.98)))
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    section = text[text.index("## The default preset"):].split("\n## ", 1)[0]
+    row = lambda field: next(line for line in section.splitlines() if line.startswith(f"| `{field}` |"))
+    assert row("learning_rate").startswith("| `learning_rate` | 0.002 | `lr_x0.5` x1.50 hurts; `lr_x2` x0.50 helps |")
+    assert row("learning_rate").endswith("| **change to learning_rate=0.004** (`lr_x2`) |")
+    assert row("ema_decay").endswith("| keeps it: its changes hurt |")
+    assert row("act").endswith("| keeps it: no detectable effect |")
+    assert "So far 5 of 35 changes have a ratio." in section

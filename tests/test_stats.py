@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from ablations.stats import compare_table, describe, detectable_ratio, holm, paired_differences, pooled_variance
+from ablations.stats import (compare_table, describe, detectable_ratio, holm, one_difference, paired_differences,
+                             pooled_variance)
 
 SEED_SIGMA = 0.3   # lognormal noise that a seed gives every run trained on it (shared: pairing cancels it)
 RUN_SIGMA = 0.05   # each run's own lognormal noise
@@ -178,3 +179,12 @@ def test_the_detectable_ratio_by_the_t_tests_exact_power():
         se = sigma / math.sqrt(n) * math.sqrt(rng.chisquare(df) / df)
         found += abs(mean) / se > critical
     assert found / trials == pytest.approx(0.8, abs=0.03)
+
+
+def test_one_difference_takes_its_noise_from_elsewhere():
+    """A single paired difference with a pooled sigma: d +- t(0.975, df) * sigma (t = 2.228 at 10
+    degrees of freedom), significant where that interval leaves 0."""
+    c = one_difference("v", 0.5, 0.1, 10)
+    assert (c.n, c.df, c.se) == (1, 10, 0.1)
+    assert abs(c.low - (0.5 - 0.2228)) < 1e-3 and abs(c.high - (0.5 + 0.2228)) < 1e-3 and c.significant
+    assert not one_difference("v", 0.2, 0.1, 10).significant  # 0.2 < 0.2228
