@@ -11,7 +11,7 @@ import os
 from ablations import stats
 from ablations.curve import (LIMIT_FALLBACK, MACHINE_CORES, current_points, per_doubling, run_minutes, suggest_budget,
                              width_label)
-from ablations.rows import REPO, Rows, read_rows
+from ablations.rows import REPO, Rows, Setup, read_rows
 from cli import UserError, atomic_write
 from config import config_to_dict
 
@@ -75,8 +75,7 @@ def write_report(study, folder, setup):
                       f"(preset {study.preset(base)}) trains at learning rate {b.learning_rate:g}, batch "
                       f"{b.batch_size}.", ""]
         if group == "one_at_a_time":  # by effect: the largest gain first, the variants without a ratio last
-            effect = lambda v: compared[PRIMARY][v.name].mean if v.name in compared[PRIMARY] else math.inf
-            shown = sorted(shown, key=effect)
+            shown = by_effect(shown, compared)
         lines += [*group_paragraph(study, rows, shown, compared), *table_lines(study, rows, shown, compared), ""]
         if group == "sampling":
             lines += conditioning_table(study, rows)
@@ -96,7 +95,8 @@ def write_report(study, folder, setup):
     path = os.path.join(folder, "REPORT.md")
     with atomic_write(path, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
-    if scale.readme and default_study and os.path.realpath(folder) == os.path.realpath(os.path.join(REPO, scale.folder)):
+    if (scale.readme and default_study and setup == Setup.of(scale)
+            and os.path.realpath(folder) == os.path.realpath(os.path.join(REPO, scale.folder))):
         write_readme_section(scale, matters)
     return path
 
@@ -369,16 +369,21 @@ def what_matters(study, rows, setup, tables, base_values):
             f"included" if minutes else "")
     sigma, df, _ = detectable_sigma(tables, base_values)
     seeds = variant_seeds(study)
-    detectable = (f" With {seeds} seeds a change smaller than about x{stats.detectable_ratio(sigma, seeds, df=df):.2f} "
-                  f"(or x{1 / stats.detectable_ratio(sigma, seeds, df=df):.2f}) can be real and unseen: \"no detectable "
-                  f"effect\" is not \"no effect\"." if sigma else "")
+    if sigma:
+        plain = stats.detectable_ratio(sigma, seeds, df=df)
+        strict = stats.detectable_ratio(sigma, seeds, stats.ALPHA / max(holm_variants(study), 1), df=df)
+        detectable = (f" With {seeds} seeds a change smaller than about x{plain:.2f} (or x{1 / plain:.2f}) can be real "
+                      f"and unseen, and one up to x{strict:.2f} can be missed after the correction: \"no detectable "
+                      f"effect\" is not \"no effect\".")
+    else:
+        detectable = ""
     counts = []
     for group, _, _ in WHAT_MATTERS:
         runnable = [v for v in study.variants if v.group == group and not v.not_runnable
                     and (group != "sampling" or v.of == "baseline")]
         if runnable:
             done = sum(v.name in tables[group][1][PRIMARY] for v in runnable)
-            counts.append(f"{done} of {len(runnable)} {group.replace('_', '-') if group != 'path' else 'path'} rows")
+            counts.append(f"{done} of {len(runnable)} {group.replace('_', '-')} rows")
     lines += [f"At the {study.scale.name} scale: preset {study.preset(study.variant('baseline'))} "
               f"({parameters(config_to_dict(b)) / 1e6:.2f}M parameters, width {width_label(b.channels)}), "
               f"{setup.budget_kimg:g} thousand images a run ({math.ceil(setup.budget_kimg * 1000 / b.batch_size):,} "
@@ -400,7 +405,7 @@ def what_matters(study, rows, setup, tables, base_values):
         if not shown:
             continue
         if group == "one_at_a_time":
-            shown.sort(key=lambda v: compared[PRIMARY][v.name].mean if v.name in compared[PRIMARY] else math.inf)
+            shown = by_effect(shown, compared)
         lines += [f"**{title}** (ratios against {against}):", "",
                   f"| change | attribute FD ratio [95% interval] | at this scale | background error [95% interval] | "
                   f"literature | ours |", "|---|---|---|---|---|---|"]
@@ -417,14 +422,22 @@ def what_matters(study, rows, setup, tables, base_values):
                                                                                  if c.significant else verdict),
                          (stats.describe(tint, lower_is_better=True)[0] + (" *" if tint.significant else ""))
                          if tint else "-"]
-            verdict = stats.describe(c)[1] if c else ""
-            agrees = ("-" if not expected or verdict in ("", "no verdict") else
-                      "agrees" if verdict == expected or (verdict == "not significant" and expected == "none") else
-                      "not seen at this scale" if verdict == "not significant" else "disagrees")
+            agrees = agreement(expected, stats.describe(c)[1] if c else "")
             lines.append(f"| `{v.name}`: {change_of(study, v).replace('|', '/')} | " + " | ".join(cells)
                          + f" | {found} | {agrees} |")
         lines.append("")
     return lines
+
+
+def agreement(expected, verdict):
+    """Ours against what the literature leads one to expect (helps, hurts, none; "" when nothing
+    comparable): agrees where both found the same direction; consistent where both found nothing,
+    since no test here shows that an effect is absent; not seen where we found nothing."""
+    if not expected or verdict not in ("helps", "hurts", "not significant"):
+        return "-"
+    if verdict == "not significant":
+        return "consistent (no effect is not shown)" if expected == "none" else "not seen at this scale"
+    return "agrees" if verdict == expected else "disagrees"
 
 
 def write_readme_section(scale, lines, readme=os.path.join(REPO, "README.md")):
@@ -448,6 +461,11 @@ def change_of(study, v):
     if v.name == "baseline":
         return f"preset {study.preset(v)}"
     return v.note or " ".join(v.overrides) or f"preset {study.preset(v)}"
+
+
+def by_effect(variants, compared):
+    """The largest gain first, the variants without a ratio (failed) last."""
+    return sorted(variants, key=lambda v: compared[PRIMARY][v.name].mean if v.name in compared[PRIMARY] else math.inf)
 
 
 def verdicts(variants, compared, key=PRIMARY, lower_is_better=True):
@@ -496,22 +514,25 @@ def default_preset_section(study, tables):
         fields = tuple(o.partition("=")[0] for o in v.overrides)
         by_fields.setdefault(fields, []).append(v)
     lines = ["## The default preset", "",
-             f"What the one-at-a-time table says of each field of preset {study.preset(base)}, the baseline: a field "
-             f"whose change **helps** after Holm's correction would take the best such value; every other field "
-             f"keeps its value. So far {len(measured)} of {len(variants)} changes have a ratio.", "",
+             f"What the one-at-a-time table says of each field of preset {study.preset(base)}, the baseline (the "
+             f"default's recipe at this scale's width): a field whose change **helps** after Holm's correction would "
+             f"take the best such value; every other field keeps its value. This is evidence at this scale's budget "
+             f"only. So far {len(measured)} of {len(variants)} changes have a ratio.", "",
              "| field(s) | the baseline's value | changes measured (ratio, verdict) | the evidence |", "|---|---|---|---|"]
     for fields, vs in by_fields.items():
         found = {v.name: stats.describe(compared[PRIMARY][v.name]) for v in vs}
         helps = sorted((v for v in vs if found[v.name][1] == "helps"), key=lambda v: compared[PRIMARY][v.name].mean)
         value = ", ".join(str(getattr(b, f)) for f in fields)
         measured_text = "; ".join(f"`{v.name}` {found[v.name][0].split(' [')[0]} {found[v.name][1]}" for v in vs)
+        verdicts_here = {found[v.name][1] for v in vs}
         if helps:
-            evidence = f"**change to {' '.join(helps[0].overrides)}** (`{helps[0].name}`)"
-        elif any(found[v.name][1] == "hurts" for v in vs):
-            evidence = "keeps it: " + ("its changes hurt" if all(found[v.name][1] == "hurts" for v in vs) else
-                                       "no change helped, some hurt")
-        else:
+            evidence = f"**a change helps: {' '.join(helps[0].overrides)}** (`{helps[0].name}`)"
+        elif "hurts" in verdicts_here:
+            evidence = "keeps it: " + ("its changes hurt" if verdicts_here == {"hurts"} else "no change helped, some hurt")
+        elif "not significant" in verdicts_here:
             evidence = "keeps it: no detectable effect"
+        else:
+            evidence = "keeps it: one seed, no verdict yet"
         lines.append(f"| {', '.join(f'`{f}`' for f in fields)} | {value} | {measured_text} | {evidence} |")
     return lines + [""]
 
@@ -524,7 +545,8 @@ def longer_rows(study, setup, folder):
     factor = study.scale.longer_budget
     if not factor:
         return None
-    longer = dataclasses.replace(setup, budget_kimg=factor * setup.budget_kimg)
+    # A float, as `--budget_kimg` reads it: the setup's hash tells 300 from 300.0.
+    longer = dataclasses.replace(setup, budget_kimg=float(factor * setup.budget_kimg))
     sub = f"budget_{factor:g}x"
     return longer, Rows.of(study, longer, read_rows(os.path.join(folder, sub))), sub
 
@@ -538,51 +560,49 @@ def longer_budget_section(study, rows, setup, tables, longer, command):
     if not longer or not compared.get(PRIMARY):
         return []
     factor = study.scale.longer_budget
-    longer, long_rows, sub = longer
-    largest = sorted(compared[PRIMARY].values(), key=lambda c: -abs(c.mean))[:LONGER_BUDGET_EFFECTS]
-    names = [c.variant for c in largest] + sorted(n for n, s in long_rows.current if n not in
-                                                  ("baseline", *[c.variant for c in largest]) and s == 0)
-    run = command("--budget_kimg", f"{longer.budget_kimg:g}", "--out", f"{study.scale.folder}/{sub}", "--seeds", "0",
-                  "--only", ",".join(["baseline", *[c.variant for c in largest]]))
+    long_setup, long_rows, sub = longer
+    largest = [c.variant for c in sorted(compared[PRIMARY].values(), key=lambda c: -abs(c.mean))[:LONGER_BUDGET_EFFECTS]]
+    names = largest + sorted(n for n, s in long_rows.current if n not in ("baseline", *largest) and s == 0)
+    run = command("--budget_kimg", f"{long_setup.budget_kimg:g}", "--out", f"{study.scale.folder}/{sub}", "--seeds",
+                  "0", "--only", ",".join(["baseline", *largest]))
     lines = ["## A longer budget", "",
              f"Does the ranking hold when training runs longer? The baseline and the one-at-a-time table's "
              f"{LONGER_BUDGET_EFFECTS} largest effects (by the size of their ratio, now), on seed 0, at {factor:g}x the "
-             f"budget ({longer.budget_kimg:g} thousand images): `{run}`. One seed has no spread of its own, so its "
+             f"budget ({long_setup.budget_kimg:g} thousand images): `{run}`. One seed has no spread of its own, so its "
              f"interval takes the noise of one paired difference pooled over the one-at-a-time table at "
              f"{setup.budget_kimg:g} thousand images, an assumption; it is not corrected for the other rows.", ""]
-    base_long = long_rows.ok("baseline").get(0)
-    base_short = rows.ok("baseline").get(0)
     sigma, df = pooled_sigma(tables.get("one_at_a_time"))
-    key = lambda r: r["metrics"][PRIMARY]["samples"]
-    tint = lambda r: fmt((r["metrics"].get("background_error") or {}).get("samples"), ".1f") if r else "-"
+    fd = lambda r: r["metrics"][PRIMARY]["samples"] if r and r["status"] == "ok" else None
+    seed0 = lambda by_rows, name: by_rows.ok(name).get(0)
+    ratio = lambda by_rows, name: (fd(seed0(by_rows, name)) / fd(seed0(by_rows, "baseline"))
+                                   if fd(seed0(by_rows, name)) and fd(seed0(by_rows, "baseline")) else None)
     lines += [f"| variant | {setup.budget_kimg:g} kimg, seeds paired | {setup.budget_kimg:g} kimg, seed 0 | "
-              f"{longer.budget_kimg:g} kimg, seed 0 [95% interval] | verdict | background error, seed 0 |",
+              f"{long_setup.budget_kimg:g} kimg, seed 0 [95% interval] | verdict | background error, seed 0 |",
               "|---|---|---|---|---|---|",
               f"| `baseline` ({PRIMARY}) | {fmt(geometric_mean(values(rows.ok('baseline'), PRIMARY).values()), '.4g')} "
-              f"| {fmt(key(base_short) if base_short else None, '.4g')} | {fmt(key(base_long) if base_long else None, '.4g')} "
-              f"| - | {tint(base_short)} -> {tint(base_long)} |"]
-    order = {}
+              f"| {fmt(fd(seed0(rows, 'baseline')), '.4g')} | {fmt(fd(seed0(long_rows, 'baseline')), '.4g')} | - | "
+              f"{background(seed0(rows, 'baseline'))} -> {background(seed0(long_rows, 'baseline'))} |"]
     for name in names:
-        short, paired = rows.ok(name).get(0), compared[PRIMARY].get(name)
-        long = long_rows.ok(name).get(0)
-        cells = [stats.describe(paired)[0] if paired else "-",
-                 f"x{key(short) / key(base_short):.2f}" if short and base_short else "-"]
-        if long and base_long and sigma:
-            c = stats.one_difference(name, math.log(key(long) / key(base_long)), sigma, df)
-            text, verdict = stats.describe(c)
-            cells += [text, verdict]
-            order[name] = c.mean
+        paired, short, long = compared[PRIMARY].get(name), ratio(rows, name), ratio(long_rows, name)
+        if long and sigma:
+            text, verdict = stats.describe(stats.one_difference(name, math.log(long), sigma, df))
         else:
-            cells += ["not run yet", "-"]
-        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {tint(short)} -> {tint(long)} |")
-    if len(order) > 1:
-        before = [n for n in sorted(order, key=lambda n: compared[PRIMARY][n].mean) if n in compared[PRIMARY]]
-        after = sorted(before, key=order.get)
-        lines += ["", f"Ranked by their ratio, best first: {', '.join(f'`{n}`' for n in before)} at "
-                      f"{setup.budget_kimg:g} thousand images; {', '.join(f'`{n}`' for n in after)} at "
-                      f"{longer.budget_kimg:g} thousand. " + ("**The ranking holds.**" if before == after else
-                                                             "**The ranking changes.**")]
+            text, verdict = (f"x{long:.2f} (no interval yet)", "-") if long else ("not run yet", "-")
+        lines.append(f"| `{name}` | {stats.describe(paired)[0] if paired else '-'} | {fmt(short, '.2f')} | {text} | "
+                     f"{verdict} | {background(seed0(rows, name))} -> {background(seed0(long_rows, name))} |")
+    both = [n for n in names if ratio(rows, n) and ratio(long_rows, n)]
+    if len(both) > 1:
+        before, after = sorted(both, key=lambda n: ratio(rows, n)), sorted(both, key=lambda n: ratio(long_rows, n))
+        lines += ["", f"On seed 0, best first: {', '.join(f'`{n}`' for n in before)} at {setup.budget_kimg:g} thousand "
+                      f"images; {', '.join(f'`{n}`' for n in after)} at {long_setup.budget_kimg:g} thousand: "
+                      + ("the same order." if before == after else "a different order.")
+                      + " One seed each: an order inside the intervals is not a finding."]
     return lines + [""]
+
+
+def background(row):
+    """A row's background error, for a table cell."""
+    return fmt((((row or {}).get("metrics") or {}).get("background_error") or {}).get("samples"), ".1f")
 
 
 def tint_section(study, rows, tables, longer=None):
@@ -607,14 +627,12 @@ def tint_section(study, rows, tables, longer=None):
                                   f"higher with {', '.join(found['hurts'])}" if found["hurts"] else "higher with none",
                                   f"{len(found['not significant']) + len(found['no verdict'])} without a detectable "
                                   f"change"]) + ".")
-    long = longer[1].ok("baseline").get(0) if longer else None
-    short = rows.ok("baseline").get(0)
-    tint = lambda r: (r["metrics"].get("background_error") or {}).get("samples")
-    if long and short and tint(long) is not None and tint(short) is not None:
+    long, short = background(longer[1].ok("baseline").get(0) if longer else None), background(rows.ok("baseline").get(0))
+    if "-" not in (long, short):
         budget = (f"At {longer[0].budget_kimg:g} thousand images the baseline's seed 0 has a background error of "
-                  f"{tint(long):.1f}, against {tint(short):.1f} at {longer[0].budget_kimg / study.scale.longer_budget:g} "
-                  f"thousand (one seed each): the budget alone " + ("lowers" if tint(long) < tint(short) else
-                                                                     "does not lower") + " it.")
+                  f"{long}, against {short} at {longer[0].budget_kimg / study.scale.longer_budget:g} thousand: "
+                  f"{'lower' if float(long) < float(short) else 'not lower'} with the budget alone, on one seed, "
+                  f"without an interval.")
     else:
         budget = "Whether a longer budget alone removes the tint is not measured at this scale yet."
     return lines + ["", budget, ""]

@@ -357,10 +357,10 @@ def wait_for(child):
     """(its exit code, the CPU seconds it used, user and system, or None): os.wait4 reads both."""
     try:
         _, status, usage = os.wait4(child.pid, 0)
-    except ChildProcessError:  # reaped by another thread's Popen.wait (a stop): its code, no time
+    except ChildProcessError:  # reaped already (a stop's send_signal polls it): its code, no time
         return child.wait(), None
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, usage.ru_utime + usage.ru_stime
+    code = child.returncode = os.waitstatus_to_exitcode(status)
+    return code, usage.ru_utime + usage.ru_stime
 
 
 def raise_keyboard_interrupt(*_):

@@ -1,5 +1,5 @@
 """The study's statistics: is a variant's change against its reference larger than run-to-run noise?
-The whole rule is here, in four steps.
+The whole rule is here, in four steps and a fifth for single runs.
 
 1. Paired differences. A variant and its reference (the baseline; for a re-evaluation the run it
    re-evaluates; on the path the row above) are trained on the same seeds, so they are compared seed by seed. For a positive
@@ -31,6 +31,9 @@ The whole rule is here, in four steps.
 4. Power. detectable_ratio says how large a true change n seeds find with 80% power (by the t test's
    exact power at the pooled degrees of freedom), so a report can say which changes it could not
    have seen.
+5. A single run (one_difference), as in a check at a longer budget on one seed: its one paired
+   difference gets the interval of step 2 with sigma taken from a table where seeds were paired,
+   an assumption the report states, and no correction.
 """
 import math
 from dataclasses import dataclass

@@ -274,9 +274,9 @@ def peer_variants():
 # variant: (what the literature leads one to expect of the variant's own change, from its reference:
 # "helps", "hurts", "none", or "" where nothing published is the same change; what was found, in our
 # words). Sources: ../shared/LITERATURE.md. Mostly CIFAR-10 FID at convergence: compare directions.
-TARGETS_ALIKE = ("none", "Salimans & Ho 2022: eps, x0 and v within 0.2 FID at convergence with a stochastic sampler; "
-                         "2.51 to 3.27 with DDIM")
-EMA_FOUND = "DDPM's checkpoint: 3.21 with EMA 0.9999, 12.14 with the raw weights"
+TARGETS_ALIKE = ("", "Salimans & Ho 2022: eps, x0 and v, each with a sensible weighting, within 0.2 FID at "
+                     "convergence with a stochastic sampler, but 2.51 to 3.27 with DDIM, deterministic as ours is")
+EMA_FOUND = "DDPM's checkpoint: 3.21 with EMA 0.9999, 12.14 with the raw weights (a secondary source)"
 LITERATURE = {
     "noise_cond_none": ("hurts", "Sun et al. 2025: most models degrade gracefully without the noise level, "
                                  "deterministic samplers such as DDIM badly"),
@@ -285,7 +285,8 @@ LITERATURE = {
                       "which ours is not"),
     "dropout_0": ("", "mixed: ADM (ImageNet-64) 2.07 with dropout, 2.61 without; EDM2 finds it harmful for "
                       "its smallest networks"),
-    "attention_16_8": ("helps", "ADM (ImageNet-128): attention at 32, 16 and 8 over 16 alone, about -0.7 FID"),
+    "attention_16_8": ("", "ADM (ImageNet-128): attention at 32, 16 and 8 over 16 alone, about -0.7 FID; here 16 "
+                           "joins 8"),
     "attention_none": ("", "no 32x32 result without attention"),
     "noise_sampling_cosine": ("", "iDDPM: cosine beat linear at 64x64 (27.0 vs 31.3), as the schedule of "
                                   "training and sampling; here only the training draws change"),
@@ -294,8 +295,8 @@ LITERATURE = {
     "noise_sampling_uniform_alpha_bar": ("", "no published comparison"),
     "target_x0": TARGETS_ALIKE,
     "target_v": TARGETS_ALIKE,
-    "loss_weighting_min_snr_5": ("helps", "Hang et al. 2023: mostly faster early training (7.32 vs 8.55 FID "
-                                          "at 200k steps, 4.14 vs 4.21 at 1M)"),
+    "loss_weighting_min_snr_5": ("helps", "Hang et al. 2023 (ImageNet-256, latent): mostly faster early training "
+                                          "(7.32 vs 8.55 FID at 200k steps, 4.14 vs 4.21 at 1M)"),
     "zero_terminal_snr": ("", "Lin et al. 2024: fixes a wrong overall brightness or colour (see the background "
                               "error), no FID on our kind of data"),
     "optimizer_adam": ("none", "with weight decay 0, as here, AdamW is Adam: a null change, the study "
@@ -335,7 +336,8 @@ def published_fid(sampler, steps):
 
 def literature(scale):
     """LITERATURE, and for each re-sampling of the baseline what the published FIDs expect of it
-    against the baseline's own sampler: hurts or helps beyond 15%, else none."""
+    against the baseline's own sampler: hurts or helps beyond 15%, else none; no expectation where
+    the two figures come from two papers' models."""
     b = make_config(dict(scale.presets).get("default", "default"))
     entries = dict(LITERATURE)
     mine, mine_at = published_fid(b.sampler, b.sampling_steps)
@@ -345,10 +347,12 @@ def literature(scale):
             continue
         ratio = fid / mine
         words = lambda s, n, at: f"{SAMPLER_NAMES[s]} {n}" + (f" (its {at}-step figure)" if at != n else "")
-        source = {0: "DDIM Table 1", 1: "DDIM Table 1 and DPM-Solver's paper: two models", 2: "DPM-Solver's paper"}
-        entries[name] = ("hurts" if ratio > 1.15 else "helps" if ratio < 1 / 1.15 else "none",
+        papers = (sampler, b.sampler).count("dpm")  # DPM-Solver's figures are its own paper's, on another model
+        source = {0: "DDIM Table 1", 1: "DDIM Table 1 and DPM-Solver's paper: two models",
+                  2: "DPM-Solver's paper, its own solver rather than our ++ 2M"}[papers]
+        entries[name] = ("" if papers == 1 else "hurts" if ratio > 1.15 else "helps" if ratio < 1 / 1.15 else "none",
                          f"{words(sampler, steps, at)}: {fid:.2f}, against {mine:.2f} for "
-                         f"{words(b.sampler, b.sampling_steps, mine_at)} ({source[(sampler, b.sampler).count('dpm')]})")
+                         f"{words(b.sampler, b.sampling_steps, mine_at)} ({source})")
     return entries
 
 
