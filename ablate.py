@@ -85,6 +85,9 @@ def parse_args(command, argv):
                    help="start no run that cannot finish within this many minutes, then write the report")
     p.add_argument("--shard", type=shard, default=(1, 1), metavar="I/K", help="run the I-th of K parts (1-based)")
     p.add_argument("--retry_failed", action="store_true", help="run the variants whose row says failed again")
+    p.add_argument("--retrain_missing", action="store_true",
+                   help="train a finished run again where a re-evaluation to do needs its checkpoint and this machine "
+                        "does not have it (its new row replaces the old one)")
     p.add_argument("--dry_run", action="store_true", help="print the runs it would start, and start none")
     return p.parse_args(argv)
 

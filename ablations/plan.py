@@ -4,7 +4,8 @@ invocation does (selection, shards, the runs that have a current row).
 A run is a (variant, seed). A re-evaluation needs the trained run it re-evaluates, so choosing one
 brings that run too, and a shard keeps the two together; choosing a variant that shows another's
 runs (`runs_of`) chooses those. A run is skipped when it has a current row (ablations/rows.py):
-finished, or failed unless --retry_failed. A stale row does not count.
+finished, or failed unless --retry_failed. A stale row does not count. --retrain_missing trains a
+finished run again where a re-evaluation needs its checkpoint and this machine does not have it.
 """
 import dataclasses
 import difflib
@@ -155,7 +156,16 @@ def shard(jobs, index, count):
     return [job for job in jobs if roots.index(job.root) % count == index - 1]
 
 
-def to_do(jobs, rows, retry_failed=False):
-    """(the runs without a current row, how many have one): rows is ablations/rows.Rows."""
+def to_do(jobs, rows, retry_failed=False, has_checkpoint=None):
+    """(the runs without a current row, how many have one): rows is ablations/rows.Rows. With
+    has_checkpoint (--retrain_missing: a trained run's key -> whether its checkpoint is on this
+    machine), a finished trained run that a re-evaluation to do needs, but whose checkpoint is
+    missing, trains again first: its new row replaces the old one, and the old one's re-evaluations
+    become stale (a deterministic run gives the same numbers again)."""
     done = {key for key, r in rows.current.items() if r["status"] == "ok" or not retry_failed}
-    return [job for job in jobs if job.key not in done], sum(job.key in done for job in jobs)
+    todo = [job for job in jobs if job.key not in done]
+    if has_checkpoint:
+        trained = {job.root: job for job in jobs if not job.variant.of}  # select() brings each re-evaluation's run
+        again = {j.root for j in todo if j.variant.of and j.root in done and j.root in trained and not has_checkpoint(j.root)}
+        todo = [job for job in jobs if job.key not in done or job.key in again]
+    return todo, sum(job.key in done for job in jobs) - len({job.key for job in todo} & done)

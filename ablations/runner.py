@@ -91,7 +91,14 @@ class Runner:
         """(the runs to do, in order, for this shard; how many of its runs have a current row)."""
         args = self.args
         jobs = planning.select(self.study, args.only, args.group, args.seeds)
-        return planning.to_do(planning.shard(jobs, *args.shard), self.rows(), args.retry_failed)
+        has_checkpoint = None
+        if getattr(args, "retrain_missing", False):  # the curve's arguments have no such flag
+            has_checkpoint = lambda key: os.path.isfile(os.path.join(self.run_dir(*key), "latest_model.pth"))
+        return planning.to_do(planning.shard(jobs, *args.shard), self.rows(), args.retry_failed, has_checkpoint)
+
+    def run_dir(self, name, seed, budget_kimg=None):
+        """Where a trained run's checkpoint and logs go."""
+        return os.path.join(self.checkpoints, f"{budget_kimg or self.setup.budget_kimg:g}kimg", name, f"seed{seed}")
 
     def slots(self):
         """(GPU index or None, --device, threads or None) for each run that runs at the same time."""
@@ -228,7 +235,7 @@ class Runner:
         v, seed, budget_kimg = job.variant, job.seed, budget_kimg or self.setup.budget_kimg
         config = self.study.config(v)
         trained = self.study.variant(v.of) if v.of else v
-        run_dir = run_dir or os.path.join(self.checkpoints, f"{budget_kimg:g}kimg", trained.name, f"seed{seed}")
+        run_dir = run_dir or self.run_dir(trained.name, seed, budget_kimg)
         self.local.seconds, self.local.cpu_seconds = {}, {}
         eval_seed = self.setup.evaluation_seed if v.eval_seed is None else v.eval_seed
         row = dict(variant=v.name, group=v.group, scale=self.scale.name, preset=self.study.preset(trained),
@@ -271,7 +278,7 @@ class Runner:
                           f"{'has no current row' if parent is None else 'failed: ' + str(parent['reason'])}")
         if not os.path.isfile(os.path.join(run_dir, "latest_model.pth")):
             raise Skipped(f"{run_dir}/latest_model.pth is missing (trained on another machine?): copy the "
-                          f"folder here, or delete {v.of}'s row and rerun it")
+                          f"folder here, or rerun with --retrain_missing to train it again")
         return {"parent_run": parent["run_id"],
                 **{k: parent.get(k) for k in ("batch_size", "steps", "images_seen", "train_seconds", "img_per_s",
                                               "train_loss", "val_loss", "val_loss_ema")}}

@@ -244,6 +244,23 @@ def test_shards_split_the_runs_and_keep_a_re_evaluation_with_its_run(tmp_path):
         planned(tmp_path, "--shard", "4/3")
 
 
+def test_retrain_missing_trains_a_finished_run_again_only_where_a_re_evaluation_needs_its_absent_checkpoint(tmp_path):
+    """A re-evaluation whose trained run finished on another machine (no checkpoint here): skipped
+    without the flag; with --retrain_missing that run trains again first, once, and only that one."""
+    runner = gpu_runner(tmp_path, "--only", "baseline_ddim_50,evaluation_noise_1", "--checkpoints", str(tmp_path / "runs"))
+    setup = runner.setup
+    for seed in (0, 1):
+        rows.append_row(tmp_path / "out" / "results.jsonl", fake_row(runner.study, setup, "baseline", seed, 100.0))
+    rows.append_row(tmp_path / "out" / "results.jsonl", fake_row(runner.study, setup, "evaluation_noise_1", 0, 101.0))
+    os.makedirs(runner.run_dir("baseline", 1))
+    open(os.path.join(runner.run_dir("baseline", 1), "latest_model.pth"), "w").close()  # seed 1's is here
+    keys = lambda plan: ([job.key for job in plan[0]], plan[1])
+    assert keys(runner.plan()) == ([("baseline_ddim_50", 0), ("baseline_ddim_50", 1)], 3)
+    again = gpu_runner(tmp_path, "--only", "baseline_ddim_50,evaluation_noise_1", "--checkpoints", str(tmp_path / "runs"),
+                       "--retrain_missing")
+    assert keys(again.plan()) == ([("baseline", 0), ("baseline_ddim_50", 0), ("baseline_ddim_50", 1)], 2)
+
+
 def test_a_bf16_study_refuses_a_cpu_that_would_emulate_bf16(tmp_path, monkeypatch):
     """Emulated bf16 runs a CPU study 15 to 40 times slower than fp32: the runner says so before it
     starts, and runs where the CPU has bf16 or the table is fp32."""
