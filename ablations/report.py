@@ -581,7 +581,7 @@ def longer_budget_section(study, rows, setup, tables, longer, command):
               "|---|---|---|---|---|---|",
               f"| `baseline` ({PRIMARY}) | {fmt(geometric_mean(values(rows.ok('baseline'), PRIMARY).values()), '.4g')} "
               f"| {fmt(fd(seed0(rows, 'baseline')), '.4g')} | {fmt(fd(seed0(long_rows, 'baseline')), '.4g')} | - | "
-              f"{background(seed0(rows, 'baseline'))} -> {background(seed0(long_rows, 'baseline'))} |"]
+              f"{fmt(background(seed0(rows, 'baseline')), '.1f')} -> {fmt(background(seed0(long_rows, 'baseline')), '.1f')} |"]
     for name in names:
         paired, short, long = compared[PRIMARY].get(name), ratio(rows, name), ratio(long_rows, name)
         if long and sigma:
@@ -589,7 +589,7 @@ def longer_budget_section(study, rows, setup, tables, longer, command):
         else:
             text, verdict = (f"x{long:.2f} (no interval yet)", "-") if long else ("not run yet", "-")
         lines.append(f"| `{name}` | {stats.describe(paired)[0] if paired else '-'} | {fmt(short, '.2f')} | {text} | "
-                     f"{verdict} | {background(seed0(rows, name))} -> {background(seed0(long_rows, name))} |")
+                     f"{verdict} | {fmt(background(seed0(rows, name)), '.1f')} -> {fmt(background(seed0(long_rows, name)), '.1f')} |")
     both = [n for n in names if ratio(rows, n) and ratio(long_rows, n)]
     if len(both) > 1:
         before, after = sorted(both, key=lambda n: ratio(rows, n)), sorted(both, key=lambda n: ratio(long_rows, n))
@@ -601,8 +601,8 @@ def longer_budget_section(study, rows, setup, tables, longer, command):
 
 
 def background(row):
-    """A row's background error, for a table cell."""
-    return fmt((((row or {}).get("metrics") or {}).get("background_error") or {}).get("samples"), ".1f")
+    """A row's background error, or None."""
+    return (((row or {}).get("metrics") or {}).get("background_error") or {}).get("samples")
 
 
 def tint_section(study, rows, tables, longer=None):
@@ -628,10 +628,10 @@ def tint_section(study, rows, tables, longer=None):
                                   f"{len(found['not significant']) + len(found['no verdict'])} without a detectable "
                                   f"change"]) + ".")
     long, short = background(longer[1].ok("baseline").get(0) if longer else None), background(rows.ok("baseline").get(0))
-    if "-" not in (long, short):
+    if None not in (long, short):
         budget = (f"At {longer[0].budget_kimg:g} thousand images the baseline's seed 0 has a background error of "
-                  f"{long}, against {short} at {longer[0].budget_kimg / study.scale.longer_budget:g} thousand: "
-                  f"{'lower' if float(long) < float(short) else 'not lower'} with the budget alone, on one seed, "
+                  f"{long:.1f}, against {short:.1f} at {longer[0].budget_kimg / study.scale.longer_budget:g} thousand: "
+                  f"{'lower' if long < short else 'not lower'} with the budget alone, on one seed, "
                   f"without an interval.")
     else:
         budget = "Whether a longer budget alone removes the tint is not measured at this scale yet."
