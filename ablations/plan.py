@@ -65,7 +65,10 @@ def load_study(path, scale_name):
     if scale_name not in module.SCALES:
         raise UserError(f"--scale {scale_name}: choose one of {', '.join(module.SCALES)}")
     scale = module.SCALES[scale_name]
-    everything = module.variants(scale)
+    try:
+        everything = module.variants(scale)
+    except ValueError as e:  # the study's own checks
+        raise UserError(f"{path}: {e}") from None
     by_name = {v.name: v for v in everything}
     if len(by_name) != len(everything):
         raise UserError(f"{path}: two variants share a name")
@@ -135,6 +138,8 @@ def select(study, only=None, groups=None, seeds=None):
             near = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
             raise UserError(f"--only {name}: not a variant of scale {study.scale.name}; "
                             + (f"did you mean {', '.join(near)}?" if near else f"see {study.path}"))
+        if study.variant(name).not_runnable:
+            raise UserError(f"--only {name}: cannot run yet: {study.variant(name).not_runnable}")
     for group in groups or []:
         if group not in study.groups:
             raise UserError(f"--group {group}: choose from {', '.join(study.groups)}")

@@ -509,7 +509,7 @@ def default_preset_section(study, tables):
         return []
     base = study.variant("baseline")
     b = study.config(base)
-    by_fields = {}
+    evidence, by_fields = [], {}
     for v in measured:
         fields = tuple(o.partition("=")[0] for o in v.overrides)
         by_fields.setdefault(fields, []).append(v)
@@ -526,15 +526,39 @@ def default_preset_section(study, tables):
         measured_text = "; ".join(f"`{v.name}` {found[v.name][0].split(' [')[0]} {found[v.name][1]}" for v in vs)
         verdicts_here = {found[v.name][1] for v in vs}
         if helps:
-            evidence = f"**a change helps: {' '.join(helps[0].overrides)}** (`{helps[0].name}`)"
+            evidence.append(helps[0].name)
+            said = f"**a change helps: {' '.join(helps[0].overrides)}** (`{helps[0].name}`)"
         elif "hurts" in verdicts_here:
-            evidence = "keeps it: " + ("its changes hurt" if verdicts_here == {"hurts"} else "no change helped, some hurt")
+            said = "keeps it: " + ("its changes hurt" if verdicts_here == {"hurts"} else "no change helped, some hurt")
         elif "not significant" in verdicts_here:
-            evidence = "keeps it: no detectable effect"
+            said = "keeps it: no detectable effect"
         else:
-            evidence = "keeps it: one seed, no verdict yet"
-        lines.append(f"| {', '.join(f'`{f}`' for f in fields)} | {value} | {measured_text} | {evidence} |")
-    return lines + [""]
+            said = "keeps it: one seed, no verdict yet"
+        lines.append(f"| {', '.join(f'`{f}`' for f in fields)} | {value} | {measured_text} | {said} |")
+    return lines + [""] + revised_lines(study, tables, evidence)
+
+
+def revised_lines(study, tables, evidence):
+    """Whether the revised default (the scale's `revised`) takes what the evidence says, and how it
+    compares with the baseline on the baseline's seeds."""
+    if not any(v.group == "revised" for v in study.variants):
+        return []
+    chosen, names = study.scale.revised, lambda ns: ", ".join(f"`{n}`" for n in ns) or "no change"
+    if set(chosen) != set(evidence):
+        return [f"**The revised default is not what the evidence says**: the scale's `revised` "
+                f"({os.path.relpath(study.path, REPO)}) takes {names(chosen)}, the table above {names(evidence)}. "
+                f"Set it to the table's before `revised_default` runs; a field whose change is not significant keeps "
+                f"the baseline's value.", ""]
+    if not chosen:
+        return ["No change helps yet, so there is no revised default to run.", ""]
+    compared = tables.get("revised", ([], {}))[1].get(PRIMARY, {})
+    if "revised_default" not in compared:
+        return [f"The revised default (`revised_default`: the baseline with {names(chosen)}, every change that "
+                f"helps) has not run on the baseline's seeds yet.", ""]
+    ratio, verdict = stats.describe(compared["revised_default"])
+    return [f"The revised default (`revised_default`: the baseline with {names(chosen)}, every change that helps) "
+            f"against the baseline, paired on {compared['revised_default'].n} seeds: {PRIMARY} {ratio}, "
+            f"**{verdict}**.", ""]
 
 
 LONGER_BUDGET_EFFECTS = 3  # the one-at-a-time table's largest effects that the longer budget checks

@@ -204,9 +204,12 @@ class Runner:
 
     def estimate_seconds(self, job):
         """The longest finished run of its kind (trained, or re-evaluated) at this setup, else the
-        scale's guess."""
-        seconds = [r["wall_seconds"] for r in self.rows().current.values()
-                   if r["status"] == "ok" and bool(r["of"]) == bool(job.variant.of)]
+        scale's guess. A re-evaluation's sampling is most of its time, so one with more sampler steps
+        than a finished one takes that one's time times the ratio of their steps (DDPM's 1000 steps:
+        40 times a 25-step evaluation), never less."""
+        steps = self.study.config(job.variant).sampling_steps
+        seconds = [r["wall_seconds"] * (max(1, steps / r["sampler"]["steps"]) if job.variant.of else 1)
+                   for r in self.rows().current.values() if r["status"] == "ok" and bool(r["of"]) == bool(job.variant.of)]
         return max(seconds) if seconds else 60 * self.scale.run_minutes_guess / (3 if job.variant.of else 1)
 
     def interrupt(self, message, wait=False):

@@ -9,6 +9,8 @@ Groups:
     one_at_a_time   the default with one field changed
     sampling        an already-trained run re-evaluated with other sampler settings (no training)
     peer            another architecture, as a reference
+    revised         the default chosen by evidence: the baseline with the one-at-a-time changes that
+                    help (Scale.revised), on the baseline's seeds
     evaluation_noise  the baseline's seed-0 run scored again from other starting noise: how much of
                     the spread over seeds is the evaluation's own (no table; the report's header)
 A variant with `of` set re-evaluates the run of the variant it names; its overrides may only
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 from config import CHOICES, CPU_PRESET, make_config
 
-GROUPS = ("baseline", "tuning", "path", "one_at_a_time", "sampling", "peer", "evaluation_noise")
+GROUPS = ("baseline", "tuning", "path", "one_at_a_time", "sampling", "peer", "revised", "evaluation_noise")
 SAMPLER_FIELDS = ("sampler", "sampling_steps", "eta", "clamp_x0", "timestep_spacing")  # what a re-evaluation may change
 BASELINE_SEEDS = (0, 1, 2, 3, 4)  # 5: the baseline's spread, and the pairs of every variant
 VARIANT_SEEDS = (0, 1)            # at least 2, so that every variant has a paired difference to pool
@@ -75,6 +77,8 @@ class Scale:
     grid_size: str = "8x4"        # each run's grid of its first samples, COLSxROWS
     readme: bool = False          # its report's "What matters" is also the README's (report.write_readme_section)
     longer_budget: float = 0      # the check at this factor of the budget (report.longer_budget_section), 0: none
+    revised: tuple = ()           # the one-at-a-time variants whose changes the revised default takes (the report's
+                                  # "The default preset" names those that help after Holm); (): none chosen yet
 
 
 SCALES = {
@@ -92,7 +96,8 @@ SCALES = {
         curve_overrides=("learning_rate=0.001",),  # the curve ran before the sweep chose the baseline's 2e-3
         path_fixed=("channels", "batch_size", *SAMPLER_FIELDS),
         tuning=((5e-4, 64), (1e-3, 64), (2e-3, 64), (4e-3, 64), (1e-3, 32), (1e-3, 128)), grid_size="16x8",
-        groups=("baseline", "tuning", "path", "evaluation_noise", "one_at_a_time", "sampling", "peer"), readme=True,
+        groups=("baseline", "tuning", "path", "evaluation_noise", "one_at_a_time", "sampling", "peer", "revised"),
+        readme=True,
         longer_budget=4,
         budget_note="chosen by the curve below (2026-12-02, AMD EPYC, 2 cores): of the runs of at most 10 minutes, "
                     "the best was width 16-32-64-64 at 50 kimg (9.2 minutes), 23x its floor, short of the goal of "
@@ -269,6 +274,25 @@ def peer_variants():
     ]
 
 
+# ---- revised: the default chosen by evidence ------------------------------------------------------
+
+def revised_variants(scale, one_at_a_time):
+    """The baseline with the changes of the one-at-a-time variants that scale.revised names, on the
+    baseline's seeds, so that it is compared with the baseline seed by seed: is the revision better?"""
+    by_name = {v.name: v for v in one_at_a_time}
+    unknown = [n for n in scale.revised if n not in by_name]
+    if unknown:
+        raise ValueError(f"scale {scale.name}: revised names {', '.join(unknown)}, not one-at-a-time variants")
+    overrides = tuple(o for n in scale.revised for o in by_name[n].overrides)
+    fields = [o.partition("=")[0] for o in overrides]
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"scale {scale.name}: revised takes two values of one field: {', '.join(scale.revised)}")
+    return [Variant("revised_default", "revised", overrides=overrides, seeds=BASELINE_SEEDS,
+                    note="the baseline with " + ", ".join(scale.revised),
+                    not_runnable="" if overrides else "it waits for the one-at-a-time table: the scale's `revised` will "
+                                                       "name the changes that help (the report's \"The default preset\")")]
+
+
 # ---- what published ablations found, for the report's "What matters" ----------------------------
 
 # variant: (what the literature leads one to expect of the variant's own change, from its reference:
@@ -360,13 +384,15 @@ def variants(scale):
     """Every variant of the study, in the report's order, with the relative changes taken from
     the scale's baseline (ablate.py keeps the scale's subset)."""
     b = make_config(dict(scale.presets).get("default", "default"))
+    one_at_a_time = one_at_a_time_variants(b)
     return [
         Variant("baseline", "baseline", seeds=BASELINE_SEEDS),
         *path_variants(scale, b),
         *tuning_variants(scale),
-        *one_at_a_time_variants(b),
+        *one_at_a_time,
         *sampling_variants(b),
         *peer_variants(),
+        *revised_variants(scale, one_at_a_time),
         *[Variant(f"evaluation_noise_{k}", "evaluation_noise", of="baseline", seeds=(0,),
                   eval_seed=scale.evaluation_seed + k, note=f"baseline seed 0, starting noise {scale.evaluation_seed + k}")
           for k in range(1, EVALUATION_NOISE_SEEDS + 1)],

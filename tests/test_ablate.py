@@ -141,7 +141,8 @@ def test_the_study_has_what_the_issue_lists():
             "noise_cond_none_dpm_10", "baseline_clamp_off"} <= names
     peers = [study.config(v) for v in study.variants if v.group == "peer"]
     assert len(peers) == 2 and all(c.arch == "diffusers" and c.attention == (16,) for c in peers)
-    assert not any(v.not_runnable for v in study.variants)
+    # Every variant can run, but the revised default, until the study chooses its changes (issue 25).
+    assert [v.name for v in study.variants if v.not_runnable] == ["revised_default"]
     lin = study.config(study.variant("zero_terminal_snr"))  # all three parts of Lin et al.'s fix at once
     assert (lin.zero_terminal_snr, lin.target) == (True, "v")
     assert study.config(study.variant("baseline_trailing")).timestep_spacing == "trailing"
@@ -259,6 +260,20 @@ def test_retrain_missing_trains_a_finished_run_again_only_where_a_re_evaluation_
     again = gpu_runner(tmp_path, "--only", "baseline_ddim_50,evaluation_noise_1", "--checkpoints", str(tmp_path / "runs"),
                        "--retrain_missing")
     assert keys(again.plan()) == ([("baseline", 0), ("baseline_ddim_50", 0), ("baseline_ddim_50", 1)], 2)
+
+
+def test_the_deadline_estimates_a_re_evaluation_by_its_sampler_steps(tmp_path):
+    """Under --deadline_minutes a re-evaluation with 40 times the sampler steps of a finished one is
+    estimated at 40 times its time, so that DDPM's 1000 steps do not start near the deadline on the
+    strength of a 25-step evaluation; one with fewer steps at that one's time."""
+    runner = gpu_runner(tmp_path)
+    results = tmp_path / "out" / "results.jsonl"
+    rows.append_row(results, fake_row(runner.study, runner.setup, "baseline", 0, 100.0, wall_seconds=600.0))
+    rows.append_row(results, fake_row(runner.study, runner.setup, "evaluation_noise_1", 0, 101.0, wall_seconds=300.0,
+                                      sampler={"sampler": "dpm", "steps": 25}))
+    estimate = lambda name: runner.estimate_seconds(plan.Job(runner.study.variant(name), 0))
+    assert estimate("baseline_ddpm_1000") == 300.0 * 1000 / 25 and estimate("baseline_ddim_50") == 600.0
+    assert estimate("baseline_dpm_10") == 300.0 and estimate("norm_batch") == 600.0
 
 
 def test_a_bf16_study_refuses_a_cpu_that_would_emulate_bf16(tmp_path, monkeypatch):
@@ -951,3 +966,33 @@ def test_the_default_preset_section_changes_a_field_only_where_a_change_helps(tm
     assert row("ema_decay").endswith("| keeps it: its changes hurt |")
     assert row("act").endswith("| keeps it: no detectable effect |")
     assert "So far 5 of 35 changes have a ratio." in section
+    assert "**The revised default is not what the evidence says**: the scale's `revised` (ablations/study.py) " \
+           "takes no change, the table above `lr_x2`." in section
+
+    # A study whose revision takes what helps: the revised default runs on the baseline's seeds, paired.
+    path = tmp_path / "revised" / "study.py"
+    path.parent.mkdir()
+    source = open(os.path.join(REPO, report.STUDY)).read()
+    path.write_text(source.replace("longer_budget=4,", 'longer_budget=4, revised=("lr_x2",),', 1))
+    study = plan.load_study(str(path), "cpu")
+    revised = study.variant("revised_default")
+    assert revised.seeds == (0, 1, 2, 3, 4) and revised.overrides == ("learning_rate=0.004",) and not revised.not_runnable
+    assert study.config(revised) == study.config(study.variant("lr_x2"))
+    results = path.parent / "results.jsonl"
+    for seed in (0, 1):
+        for name, ratio in effects.items():
+            rows.append_row(results, fake_row(study, setup, name, seed, (100.0 + seed) * ratio * (1.02 if seed else 0.98)))
+    for seed in range(5):
+        rows.append_row(results, fake_row(study, setup, "baseline", seed, 100.0 + seed))
+        rows.append_row(results, fake_row(study, setup, "revised_default", seed, (100.0 + seed) * 0.8 * (1.01 if seed % 2 else 0.99)))
+    text = open(report.write_report(study, str(path.parent), setup)).read()
+    section = text[text.index("## The default preset"):].split("\n## ", 1)[0]
+    assert "The revised default (`revised_default`: the baseline with `lr_x2`, every change that helps) against the " \
+           "baseline, paired on 5 seeds: attribute_fd x0.80 [" in section and "], **helps**." in section
+    assert "| `revised_default` | the baseline with lr_x2 | `baseline` | 5 |" in text  # its table in the results
+    # Two values of one field, or a name that is no one-at-a-time variant, fail when the study loads.
+    for revised, message in ((('"lr_x2", "lr_x0.5"'), "revised takes two values of one field"),
+                             ('"lr_x3",', "revised names lr_x3, not one-at-a-time variants")):
+        path.write_text(source.replace("longer_budget=4,", f"longer_budget=4, revised=({revised}),", 1))
+        with pytest.raises(UserError, match=message):
+            plan.load_study(str(path), "cpu")
