@@ -279,10 +279,14 @@ def run_time_lines(study, done, curve):
                for r in cpu if not r.get("of")}
     if limit and minutes:
         over = [name for name, m in minutes.items() if m > limit]
+        unmeasured = [f"`{r['variant']}` seed {r['seed']}" for r in cpu if not r.get("of") and not r.get("process_cpu_seconds")]
+        guessed = [name for name in over if name in unmeasured]
         longest = max(minutes, key=minutes.get)
         lines.append(f"- **Run minutes** (CPU time over {MACHINE_CORES} cores, evaluation included; limit {limit:g}): the "
                      f"longest run, {longest}, took {minutes[longest]:.1f}; "
-                     + (f"{len(over)} passed the limit: {', '.join(over)}." if over else "none passed the limit."))
+                     + (f"{len(over)} passed the limit: {', '.join(over)}." if over else "none passed the limit.")
+                     + (f" Of these, {len(guessed)} {'has' if len(guessed) == 1 else 'have'} no measured CPU time (rows from before the runner measured "
+                        f"it): their wall time counts, which work sharing the cores lengthens." if guessed else ""))
     return lines
 
 

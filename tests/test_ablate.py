@@ -503,7 +503,12 @@ def test_the_header_warns_of_mixed_precisions_and_machines_and_counts_the_cpu_ti
     assert ("- **Total CPU time**: 0.1 CPU-hours (0.0 hours of a 2-core machine) for 3 finished runs and curve points (measured for 1 "
             "of them, the others' wall time times their threads).") in text
     # Measured CPU time, where a row has it: 180 s, not the 400 of its wall time that other load stretched.
-    assert "the longest run, `baseline` seed 2, took 1.5; 1 passed the limit: `baseline` seed 2." in text
+    assert "the longest run, `baseline` seed 2, took 1.5; 1 passed the limit: `baseline` seed 2.\n" in text
+    # An unmeasured row over the limit: the report says that its wall time counts.
+    rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "baseline", 0, 100.0, threads=1, cpu_seconds=150.0))
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    assert ("2 passed the limit: `baseline` seed 0, `baseline` seed 2. Of these, 1 has no measured CPU time (rows "
+            "from before the runner measured it): their wall time counts") in text
     assert "sqrt(2) times the baseline's spread over its seeds" in text  # no paired table yet: the upper bound
     rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "baseline", 1, 111.0, precision="bf16",
                                                          cpu="CPU (other, 2 cores)", **same))
