@@ -352,6 +352,7 @@ WHAT_MATTERS = (  # group, its table's title, what each ratio is against
     ("path", "From the seed's recipe to the baseline, one change a row, each keeping the rows above",
      "the row above; the first row against the baseline"),
     ("sampling", "The baseline's runs sampled otherwise (no training)", "the baseline's own sampler"),
+    ("revised", "The default chosen by evidence: the baseline with every change that helps", "the baseline"),
 )
 SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM (deterministic)", "dpm": "DPM-Solver++ 2M"}
 README_BEGIN = "<!-- What matters: written by `python ablate.py report --scale {scale}` from its rows; do not edit by hand -->"

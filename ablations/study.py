@@ -288,7 +288,7 @@ def revised_variants(scale, one_at_a_time):
     if len(set(fields)) != len(fields):
         raise ValueError(f"scale {scale.name}: revised takes two values of one field: {', '.join(scale.revised)}")
     return [Variant("revised_default", "revised", overrides=overrides, seeds=BASELINE_SEEDS,
-                    note="the baseline with " + ", ".join(scale.revised),
+                    note="the baseline with " + ", ".join(f"{n} ({' '.join(by_name[n].overrides)})" for n in scale.revised),
                     not_runnable="" if overrides else "it waits for the one-at-a-time table: the scale's `revised` will "
                                                        "name the changes that help (the report's \"The default preset\")")]
 

@@ -994,7 +994,10 @@ def test_the_default_preset_section_changes_a_field_only_where_a_change_helps(tm
     section = text[text.index("## The default preset"):].split("\n## ", 1)[0]
     assert "The revised default (`revised_default`: the baseline with `lr_x2`, every change that helps) against the " \
            "baseline, paired on 5 seeds: attribute_fd x0.80 [" in section and "], **helps**." in section
-    assert "| `revised_default` | the baseline with lr_x2 | `baseline` | 5 |" in text  # its table in the results
+    assert "| `revised_default` | the baseline with lr_x2 (learning_rate=0.004) | `baseline` | 5 |" in text  # its table in the results
+    matters = text[text.index("## What matters"):].split("\n## ", 1)[0]
+    assert "**The default chosen by evidence: the baseline with every change that helps** (ratios against the " \
+           "baseline):" in matters and "| `revised_default`: the baseline with lr_x2 (learning_rate=0.004) | x0.80 [" in matters
     # Two values of one field, or a name that is no one-at-a-time variant, fail when the study loads.
     for revised, message in ((('"lr_x2", "lr_x0.5"'), "revised takes two values of one field"),
                              ('"lr_x3",', "revised names lr_x3, not one-at-a-time variants")):
