@@ -755,6 +755,7 @@ def not_yet_run(study, rows, command):
             missing.setdefault(v.group, []).append((v, seeds))
     if not missing:
         return lines + ["Every variant has a finished row.", ""]
+    lines += time_left(study, rows, [(v, seeds) for entries in missing.values() for v, seeds in entries])
     if len(rows.ok("baseline")) < len(study.variant("baseline").seeds):
         first = ",".join(["baseline", *[v.name for v in study.variants if v.group == "path"][:1]])
         tuning = [f"{command('--group', 'tuning')} && "] if any(v.group == "tuning" for v in study.variants) else []
@@ -770,6 +771,28 @@ def not_yet_run(study, rows, command):
             else:
                 lines.append(f"  - `{v.name}` (seeds {', '.join(map(str, seeds))}): {change_of(study, v)}")
     return lines + [""]
+
+
+def time_left(study, rows, missing):
+    """How long the runs left would take on one machine of MACHINE_CORES cores, from the finished
+    rows' CPU time: a trained run at the median trained run's, a re-evaluation at the median
+    re-evaluation's time per sampler step times its steps (an upper bound: the metrics' share does
+    not grow with the steps). Nothing where no finished row has a CPU time."""
+    done = [r for r in rows.current.values() if r["status"] == "ok" and r.get("cpu_seconds")]
+    trained = sorted(cpu_time(r) for r in done if not r["of"])
+    per_step = sorted(cpu_time(r) / r["sampler"]["steps"] for r in done if r["of"])
+    runs = [(v, s) for v, seeds in missing if not v.not_runnable for s in seeds]
+    if not trained or not runs:
+        return []
+    median = lambda xs: xs[len(xs) // 2]
+    seconds = sum(median(per_step) * study.config(v).sampling_steps if v.of and per_step else median(trained)
+                  for v, _ in runs)
+    hours = seconds / 3600 / MACHINE_CORES
+    return [f"Left: {len(runs)} runs, about {hours:.{1 if hours < 10 else 0}f} hours of a {MACHINE_CORES}-core "
+            f"machine at the finished rows' CPU time (a trained run {median(trained) / 60:.0f} CPU-minutes"
+            + (f"; a re-evaluation {median(per_step):.0f} CPU-seconds a sampler step, which overstates the long "
+               f"samplers" if per_step else "")
+            + ").", ""]
 
 
 # ---- the plots -----------------------------------------------------------------------------------

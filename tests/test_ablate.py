@@ -529,6 +529,28 @@ def test_the_report_without_rows_lists_every_variant_as_not_yet_run(tmp_path):
     assert "- **Evaluation noise**: not measured yet (`bash ablate.sh --group evaluation_noise`)." in text
 
 
+def test_not_yet_run_says_how_long_the_runs_left_would_take_at_the_finished_rows_cpu_time(tmp_path):
+    """A trained run left at the median finished trained run's CPU time, a re-evaluation at the
+    median re-evaluation's CPU time per sampler step times its own steps; over 2 cores."""
+    path = write_study(tmp_path, '''Variant("baseline", "baseline", seeds=(0, 1)),
+        Variant("lr_x2", "one_at_a_time", overrides=("learning_rate=0.004",), seeds=(0, 1)),
+        Variant("baseline_ddim_100", "sampling", of="baseline", overrides=("sampler=ddim", "sampling_steps=100"),
+                seeds=(0, 1)),
+        Variant("baseline_ddim_10", "sampling", of="baseline", overrides=("sampler=ddim", "sampling_steps=10"),
+                seeds=(0, 1))''')
+    study = plan.load_study(path, "toy")
+    setup = Setup.of(study.scale)
+    for r in [fake_row(study, setup, "baseline", 0, 100.0, threads=1, cpu_seconds=3600.0, process_cpu_seconds=1800.0),
+              fake_row(study, setup, "baseline", 1, 100.0, threads=1, cpu_seconds=1800.0),
+              fake_row(study, setup, "baseline_ddim_10", 0, 100.0, threads=1, cpu_seconds=36.0,
+                       sampler={"sampler": "ddim", "steps": 10})]:
+        rows.append_row(tmp_path / "results.jsonl", r)
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    # 2 trained runs of 1800 s, 2 re-evaluations of 100 steps at 3.6 s, 1 of 10 steps: 4356 s over 2 cores.
+    assert ("Left: 5 runs, about 0.6 hours of a 2-core machine at the finished rows' CPU time (a trained run 30 "
+            "CPU-minutes; a re-evaluation 4 CPU-seconds a sampler step") in text
+
+
 @pytest.mark.parametrize("scale", ["gpu", "cpu", "toy"])
 def test_the_committed_report_is_what_its_rows_give(tmp_path, scale):
     """ablations/REPORT.md, ablations/cpu/REPORT.md and ablations/toy/REPORT.md come from
