@@ -67,7 +67,7 @@ def load_study(path, scale_name):
     scale = module.SCALES[scale_name]
     try:
         everything = module.variants(scale)
-    except ValueError as e:  # the study's own checks
+    except UserError as e:  # the study's own checks
         raise UserError(f"{path}: {e}") from None
     by_name = {v.name: v for v in everything}
     if len(by_name) != len(everything):
@@ -143,6 +143,9 @@ def select(study, only=None, groups=None, seeds=None):
     for group in groups or []:
         if group not in study.groups:
             raise UserError(f"--group {group}: choose from {', '.join(study.groups)}")
+        members = [v for v in study.variants if v.group == group]
+        if members and all(v.not_runnable for v in members):
+            raise UserError(f"--group {group}: cannot run yet: {members[0].not_runnable}")
     jobs = []
     for v in study.variants:
         if v.not_runnable or (only and v.name not in only) or (groups and v.group not in groups):

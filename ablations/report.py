@@ -7,6 +7,7 @@ import dataclasses
 import glob
 import math
 import os
+import statistics
 
 from ablations import stats
 from ablations.curve import (LIMIT_FALLBACK, MACHINE_CORES, current_points, per_doubling, run_minutes, suggest_budget,
@@ -86,7 +87,7 @@ def write_report(study, folder, setup):
         lines += grid_mosaic([(f"`{v.name}` seed {s}: {fmt(r['metrics'][PRIMARY]['samples'], '.4g')}", r)
                               for v in shown for s, r in list(rows.ok(v.name).items())[:None if group == "baseline" else 1]])
         lines += [""]
-    lines += default_preset_section(study, tables)
+    lines += default_preset_section(study, rows, tables)
     longer = longer_rows(study, setup, folder)
     lines += longer_budget_section(study, rows, setup, tables, longer, command)
     lines += tint_section(study, rows, tables, longer) + stale_section(rows, command) + not_yet_run(study, rows, command)
@@ -279,7 +280,7 @@ def run_time_lines(study, done, curve):
                for r in cpu if not r.get("of")}
     if limit and minutes:
         over = [name for name, m in minutes.items() if m > limit]
-        unmeasured = [f"`{r['variant']}` seed {r['seed']}" for r in cpu if not r.get("of") and not r.get("process_cpu_seconds")]
+        unmeasured = [f"`{r['variant']}` seed {r['seed']}" for r in done if not r.get("of") and not r.get("process_cpu_seconds")]
         guessed = [name for name in over if name in unmeasured]
         longest = max(minutes, key=minutes.get)
         lines.append(f"- **Run minutes** (CPU time over {MACHINE_CORES} cores, evaluation included; limit {limit:g}): the "
@@ -352,7 +353,7 @@ WHAT_MATTERS = (  # group, its table's title, what each ratio is against
     ("path", "From the seed's recipe to the baseline, one change a row, each keeping the rows above",
      "the row above; the first row against the baseline"),
     ("sampling", "The baseline's runs sampled otherwise (no training)", "the baseline's own sampler"),
-    ("revised", "The default chosen by evidence: the baseline with every change that helps", "the baseline"),
+    ("revised", "The revised default: the baseline with the changes the study chose", "the baseline"),
 )
 SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM (deterministic)", "dpm": "DPM-Solver++ 2M"}
 README_BEGIN = "<!-- What matters: written by `python ablate.py report --scale {scale}` from its rows; do not edit by hand -->"
@@ -504,7 +505,7 @@ def group_paragraph(study, rows, variants, compared):
     return ["; ".join(parts) + ".", ""]
 
 
-def default_preset_section(study, tables):
+def default_preset_section(study, rows, tables):
     """What the one-at-a-time table says of each field of the baseline's preset: a field whose
     change helps after Holm's correction would take the best such value; every other field keeps
     its value, and the section says why (its changes hurt, or showed no detectable effect)."""
@@ -540,30 +541,41 @@ def default_preset_section(study, tables):
         else:
             said = "keeps it: one seed, no verdict yet"
         lines.append(f"| {', '.join(f'`{f}`' for f in fields)} | {value} | {measured_text} | {said} |")
-    return lines + [""] + revised_lines(study, tables, evidence)
+    return lines + [""] + revised_lines(study, rows, tables, evidence, len(measured), len(variants))
 
 
-def revised_lines(study, tables, evidence):
+def revised_lines(study, rows, tables, evidence, measured, total):
     """Whether the revised default (the scale's `revised`) takes what the evidence says, and how it
-    compares with the baseline on the baseline's seeds."""
-    if not any(v.group == "revised" for v in study.variants):
+    compares with the baseline: on all the baseline's seeds, and on the seeds that did not choose its
+    changes (the one-at-a-time variants' seeds chose them, so their pairs flatter it)."""
+    revised = next((v for v in study.variants if v.group == "revised"), None)
+    if revised is None:
         return []
     chosen, names = study.scale.revised, lambda ns: ", ".join(f"`{n}`" for n in ns) or "no change"
+    where = f"scale {study.scale.name} of {os.path.relpath(study.path, REPO)}"
     if set(chosen) != set(evidence):
-        return [f"**The revised default is not what the evidence says**: the scale's `revised` "
-                f"({os.path.relpath(study.path, REPO)}) takes {names(chosen)}, the table above {names(evidence)}. "
-                f"Set it to the table's before `revised_default` runs; a field whose change is not significant keeps "
-                f"the baseline's value.", ""]
+        if not chosen:
+            return [f"The table chooses {names(evidence)} so far ({measured} of {total} changes measured): when it is "
+                    f"complete, set `revised` in {where} to what it chooses, and run `{revised.name}`.", ""]
+        return [f"**The revision is not what the table says now**: `revised` in {where} takes {names(chosen)}, the "
+                f"table {names(evidence)} ({measured} of {total} changes measured). `{revised.name}` runs the first.", ""]
     if not chosen:
-        return ["No change helps yet, so there is no revised default to run.", ""]
+        return ["No change helps, so far: the default keeps every value.", ""]
+    text = (f"`{revised.name}` is the baseline with {names(chosen)}, the changes that help in the table above "
+            f"({measured} of {total} changes measured).")
     compared = tables.get("revised", ([], {}))[1].get(PRIMARY, {})
-    if "revised_default" not in compared:
-        return [f"The revised default (`revised_default`: the baseline with {names(chosen)}, every change that "
-                f"helps) has not run on the baseline's seeds yet.", ""]
-    ratio, verdict = stats.describe(compared["revised_default"])
-    return [f"The revised default (`revised_default`: the baseline with {names(chosen)}, every change that helps) "
-            f"against the baseline, paired on {compared['revised_default'].n} seeds: {PRIMARY} {ratio}, "
-            f"**{verdict}**.", ""]
+    if revised.name not in compared:
+        return [text + " It has not run on the baseline's seeds yet.", ""]
+    ratio, verdict = stats.describe(compared[revised.name])
+    text += f" Against the baseline, paired on {compared[revised.name].n} seeds: {PRIMARY} {ratio}, **{verdict}**."
+    choosers = {s for v in study.variants if v.name in chosen for s in v.seeds}
+    mine, theirs = values(rows.ok(revised.name), PRIMARY), values(rows.ok("baseline"), PRIMARY)
+    held_out = stats.paired_differences({s: x for s, x in mine.items() if s not in choosers}, theirs)
+    if held_out:
+        ratio, verdict = stats.describe(stats.compare_table({revised.name: held_out})[revised.name])
+        text += (f" On the seeds that did not choose the changes ({', '.join(map(str, sorted(held_out)))}; the "
+                 f"others' pairs flatter it): {ratio}, {verdict}.")
+    return [text, ""]
 
 
 LONGER_BUDGET_EFFECTS = 3  # the one-at-a-time table's largest effects that the longer budget checks
@@ -776,23 +788,24 @@ def not_yet_run(study, rows, command):
 def time_left(study, rows, missing):
     """How long the runs left would take on one machine of MACHINE_CORES cores, from the finished
     rows' CPU time: a trained run at the median trained run's, a re-evaluation at the median
-    re-evaluation's time per sampler step times its steps (an upper bound: the metrics' share does
-    not grow with the steps). Nothing where no finished row has a CPU time."""
+    re-evaluation's time per sampler step times its steps (the metrics' share does not grow with the
+    steps, so this overstates long samplers and understates short ones), or before any has finished
+    at a third of a trained run, the runner's guess. A forecast, not the deadline's safe bound
+    (runner.estimate_seconds). Nothing where no finished row has a CPU time."""
     done = [r for r in rows.current.values() if r["status"] == "ok" and r.get("cpu_seconds")]
-    trained = sorted(cpu_time(r) for r in done if not r["of"])
-    per_step = sorted(cpu_time(r) / r["sampler"]["steps"] for r in done if r["of"])
-    runs = [(v, s) for v, seeds in missing if not v.not_runnable for s in seeds]
+    trained = [cpu_time(r) for r in done if not r["of"]]
+    per_step = [cpu_time(r) / r["sampler"]["steps"] for r in done if r["of"]]
+    runs = [v for v, seeds in missing if not v.not_runnable and not v.runs_of for _ in seeds]
     if not trained or not runs:
         return []
-    median = lambda xs: xs[len(xs) // 2]
-    seconds = sum(median(per_step) * study.config(v).sampling_steps if v.of and per_step else median(trained)
-                  for v, _ in runs)
+    one = statistics.median(trained)
+    step = statistics.median(per_step) if per_step else None
+    seconds = sum((step * study.config(v).sampling_steps if step else one / 3) if v.of else one for v in runs)
     hours = seconds / 3600 / MACHINE_CORES
     return [f"Left: {len(runs)} runs, about {hours:.{1 if hours < 10 else 0}f} hours of a {MACHINE_CORES}-core "
-            f"machine at the finished rows' CPU time (a trained run {median(trained) / 60:.0f} CPU-minutes"
-            + (f"; a re-evaluation {median(per_step):.0f} CPU-seconds a sampler step, which overstates the long "
-               f"samplers" if per_step else "")
-            + ").", ""]
+            f"machine at the finished rows' CPU time (a trained run {one / 60:.0f} CPU-minutes; a re-evaluation "
+            + (f"{step:.0f} CPU-seconds a sampler step, which overstates the long samplers and understates the short"
+               if step else "a third of that, until one has finished") + ").", ""]
 
 
 # ---- the plots -----------------------------------------------------------------------------------

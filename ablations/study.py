@@ -29,6 +29,7 @@ presets (at the CPU scale `default` means `tiny`) and the variants that run, in 
 import math
 from dataclasses import dataclass
 
+from cli import UserError
 from config import CHOICES, CPU_PRESET, make_config
 
 GROUPS = ("baseline", "tuning", "path", "one_at_a_time", "sampling", "peer", "revised", "evaluation_noise")
@@ -278,19 +279,24 @@ def peer_variants():
 
 def revised_variants(scale, one_at_a_time):
     """The baseline with the changes of the one-at-a-time variants that scale.revised names, on the
-    baseline's seeds, so that it is compared with the baseline seed by seed: is the revision better?"""
+    baseline's seeds, so that it is compared with the baseline seed by seed: is the revision better?
+    Two chosen variants may set one field only to the same value (zero_terminal_snr and target_v)."""
     by_name = {v.name: v for v in one_at_a_time}
     unknown = [n for n in scale.revised if n not in by_name]
     if unknown:
-        raise ValueError(f"scale {scale.name}: revised names {', '.join(unknown)}, not one-at-a-time variants")
-    overrides = tuple(o for n in scale.revised for o in by_name[n].overrides)
-    fields = [o.partition("=")[0] for o in overrides]
-    if len(set(fields)) != len(fields):
-        raise ValueError(f"scale {scale.name}: revised takes two values of one field: {', '.join(scale.revised)}")
+        raise UserError(f"scale {scale.name}: revised names {', '.join(unknown)}, not one-at-a-time variants")
+    chosen = {}  # field -> (its setting, the variant that chose it)
+    for name in scale.revised:
+        for o in by_name[name].overrides:
+            field = o.partition("=")[0]
+            if chosen.setdefault(field, (o, name))[0] != o:
+                raise UserError(f"scale {scale.name}: revised sets {field} twice: {chosen[field][0]} "
+                                f"({chosen[field][1]}) and {o} ({name}); keep one")
+    overrides = tuple(o for o, _ in chosen.values())
     return [Variant("revised_default", "revised", overrides=overrides, seeds=BASELINE_SEEDS,
                     note="the baseline with " + ", ".join(f"{n} ({' '.join(by_name[n].overrides)})" for n in scale.revised),
-                    not_runnable="" if overrides else "it waits for the one-at-a-time table: the scale's `revised` will "
-                                                       "name the changes that help (the report's \"The default preset\")")]
+                    not_runnable="" if overrides else f"set revised in scale {scale.name} of the study file to the "
+                                                       f"changes that help (the report's \"The default preset\" names them)")]
 
 
 # ---- what published ablations found, for the report's "What matters" ----------------------------
