@@ -13,6 +13,7 @@ from ablations import stats
 from ablations.curve import (LIMIT_FALLBACK, MACHINE_CORES, current_points, per_doubling, run_minutes, suggest_budget,
                              width_label)
 from ablations.rows import REPO, Rows, Setup, read_rows
+from ablations.runner import RE_EVALUATION_SHARE
 from cli import UserError, atomic_write
 from config import config_to_dict
 
@@ -280,7 +281,7 @@ def run_time_lines(study, done, curve):
                for r in cpu if not r.get("of")}
     if limit and minutes:
         over = [name for name, m in minutes.items() if m > limit]
-        unmeasured = [f"`{r['variant']}` seed {r['seed']}" for r in done if not r.get("of") and not r.get("process_cpu_seconds")]
+        unmeasured = {f"`{r['variant']}` seed {r['seed']}" for r in done if not r.get("of") and not r.get("process_cpu_seconds")}
         guessed = [name for name in over if name in unmeasured]
         longest = max(minutes, key=minutes.get)
         lines.append(f"- **Run minutes** (CPU time over {MACHINE_CORES} cores, evaluation included; limit {limit:g}): the "
@@ -790,7 +791,7 @@ def time_left(study, rows, missing):
     rows' CPU time: a trained run at the median trained run's, a re-evaluation at the median
     re-evaluation's time per sampler step times its steps (the metrics' share does not grow with the
     steps, so this overstates long samplers and understates short ones), or before any has finished
-    at a third of a trained run, the runner's guess. A forecast, not the deadline's safe bound
+    at RE_EVALUATION_SHARE of a trained run, the runner's guess. A forecast, not the deadline's safe bound
     (runner.estimate_seconds). Nothing where no finished row has a CPU time."""
     done = [r for r in rows.current.values() if r["status"] == "ok" and r.get("cpu_seconds")]
     trained = [cpu_time(r) for r in done if not r["of"]]
@@ -800,12 +801,13 @@ def time_left(study, rows, missing):
         return []
     one = statistics.median(trained)
     step = statistics.median(per_step) if per_step else None
-    seconds = sum((step * study.config(v).sampling_steps if step else one / 3) if v.of else one for v in runs)
+    seconds = sum((step * study.config(v).sampling_steps if step else one * RE_EVALUATION_SHARE) if v.of else one
+                  for v in runs)
     hours = seconds / 3600 / MACHINE_CORES
     return [f"Left: {len(runs)} runs, about {hours:.{1 if hours < 10 else 0}f} hours of a {MACHINE_CORES}-core "
             f"machine at the finished rows' CPU time (a trained run {one / 60:.0f} CPU-minutes; a re-evaluation "
             + (f"{step:.0f} CPU-seconds a sampler step, which overstates the long samplers and understates the short"
-               if step else "a third of that, until one has finished") + ").", ""]
+               if step else f"{RE_EVALUATION_SHARE:.0%} of that, until one has finished") + ").", ""]
 
 
 # ---- the plots -----------------------------------------------------------------------------------

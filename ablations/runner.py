@@ -33,6 +33,8 @@ from cli import UserError, make_folder
 from config import config_to_dict
 from plot_log import read_log
 
+RE_EVALUATION_SHARE = 1 / 3  # a re-evaluation's time as a share of a trained run's, until one has finished
+
 # Concurrent runs on one GPU. Not measured yet: the "time to quality" issue measures it on a GPU.
 RUNS_PER_GPU = 1
 # Concurrent runs on a CPU, each with cores / RUNS_PER_CPU threads. Measured with
@@ -210,7 +212,7 @@ class Runner:
         steps = self.study.config(job.variant).sampling_steps
         seconds = [r["wall_seconds"] * (max(1, steps / r["sampler"]["steps"]) if job.variant.of else 1)
                    for r in self.rows().current.values() if r["status"] == "ok" and bool(r["of"]) == bool(job.variant.of)]
-        return max(seconds) if seconds else 60 * self.scale.run_minutes_guess / (3 if job.variant.of else 1)
+        return max(seconds) if seconds else 60 * self.scale.run_minutes_guess * (RE_EVALUATION_SHARE if job.variant.of else 1)
 
     def interrupt(self, message, wait=False):
         """Stop: no new step starts, the steps under way get SIGTERM (train.py writes its checkpoint);

@@ -6,7 +6,6 @@ the study's baseline (`hflip`), so a model trained with them may draw mirrored a
 
     python tools/mirror_check.py            # writes checkpoints/mirror_check/ (git-ignored)
 """
-import argparse
 import json
 import os
 import random
@@ -16,20 +15,23 @@ import sys
 from PIL import Image, ImageOps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from cli import ArgumentParser, UserError, run_main  # noqa: E402
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--test_dir", default="images/test_images_downsample")
     parser.add_argument("--reference_dir", default="images/train_images_downsample")
     parser.add_argument("--num_samples", type=int, default=2000, help="the study's N (default: %(default)s)")
     parser.add_argument("--out", default="checkpoints/mirror_check")
     parser.add_argument("--cache_dir", default="checkpoints/ablations/cpu/evaluation_cache",
                         help="the real side's cache (default: the cpu study's, %(default)s)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not os.path.isdir(args.test_dir):
-        sys.exit(f"error: --test_dir {args.test_dir}: no such folder; build the default data set with "
-                 f"bash images/make_default_dataset.sh")
+        raise UserError(f"--test_dir {args.test_dir}: no such folder; build the default data set with "
+                        f"bash images/make_default_dataset.sh")
     names = sorted(n for n in os.listdir(args.test_dir) if n.lower().endswith(".png"))
     chosen = random.Random(0).sample(names, min(args.num_samples, len(names)))
     for kind, change in (("plain", lambda image: image), ("mirrored", ImageOps.mirror)):
@@ -47,7 +49,8 @@ def main():
         if plain.get(key):
             print(f"{key}: {len(chosen)} test images {plain[key]['samples']:.4g}, the same mirrored "
                   f"{mirrored[key]['samples']:.4g} (floor {plain[key]['floor']:.4g})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
