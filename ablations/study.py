@@ -24,7 +24,7 @@ their initial weights, data order and noise draws, and every evaluation of a sca
 same noise and scores against the same real images (Scale.evaluation_seed).
 
 A scale (SCALES) picks the budget in images seen, the number of samples per evaluation, the
-presets (at the CPU scale `default` means `tiny`) and the variants that run, in one place.
+presets (at the cpu scale `default` means `small`, at the toy scale `tiny`) and the variants that run, in one place.
 """
 import math
 from dataclasses import dataclass

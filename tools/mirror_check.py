@@ -44,7 +44,10 @@ def main(argv=None):
                         str(len(chosen)), "--reference_dir", args.reference_dir, "--test_dir", args.test_dir,
                         "--subset_seed", "0", "--cache_dir", args.cache_dir, "--no_download",
                         "--output_json", f"{folder}.json", "--overwrite"], check=True, stdout=subprocess.DEVNULL)
-    plain, mirrored = (json.load(open(os.path.join(args.out, f"{k}.json")))["metrics"] for k in ("plain", "mirrored"))
+    def metrics(kind):
+        with open(os.path.join(args.out, f"{kind}.json")) as f:
+            return json.load(f)["metrics"]
+    plain, mirrored = metrics("plain"), metrics("mirrored")
     for key in ("attribute_fd", "attribute_tv_mean", "swd_x1e3_avg", "background_error"):
         if plain.get(key):
             print(f"{key}: {len(chosen)} test images {plain[key]['samples']:.4g}, the same mirrored "
