@@ -20,7 +20,11 @@ The whole rule is here, in four steps and a fifth for single runs.
    variance sigma^2 is one run's noise, var_d = 2 sigma^2, and it has sum_v (n_v - 1) degrees of
    freedom, as the plain sum has. A variant with a single shared seed gets an interval only when
    pooled. Pool only comparisons of one kind: a re-evaluation's differences (one network, two
-   samplers) are much less noisy than a training change's.
+   samplers) are much less noisy than a training change's. A variant whose differences are all
+   exactly 0 ran its reference's runs again, bit for bit (a change that does nothing at this budget,
+   like an EMA decay that its warm-up never reaches): it measured no noise, so it is left out of the
+   pool, where its rows of zeros would shrink the noise, and out of Holm's family, since it tests
+   nothing (`identical`).
 3. Many variants. With 10 variants each tested at 5%, about 40% of tables would show a false
    effect. So each variant's two-sided p-value (the t test of mean d = 0) is adjusted by Holm's
    step-down method (Holm 1979, "A simple sequentially rejective multiple test procedure"), which
@@ -62,6 +66,7 @@ class Comparison:
     significant: bool     # p_holm < ALPHA
     pooled: bool          # se comes from the table's pooled variance
     scale: str            # "log" or "diff"
+    identical: bool = False  # every difference is exactly 0: the reference's runs, bit for bit
 
 
 def paired_differences(values, reference, scale="log"):
@@ -108,8 +113,10 @@ def compare_table(differences, scale="log", pool=True, references=None, kinds=No
     if scale not in DIFFERENCE_SCALES:
         raise ValueError(f"scale {scale!r} is not one of {DIFFERENCE_SCALES}")
     differences = {v: dict(d) for v, d in differences.items() if len(d)}
+    identical = {v for v, d in differences.items() if not any(d.values())}
     kind = {v: (kinds or {}).get(v) for v in differences}
-    pooled = {k: pooled_variance({v: d for v, d in differences.items() if kind[v] == k}, references)
+    pooled = {k: pooled_variance({v: d for v, d in differences.items() if kind[v] == k and v not in identical}
+                                 or {v: d for v, d in differences.items() if kind[v] == k}, references)
               for k in set(kind.values())} if pool else None
     tests = {}  # variant: (mean, se, df, low, high, p)
     for v, d in differences.items():
@@ -124,9 +131,10 @@ def compare_table(differences, scale="log", pool=True, references=None, kinds=No
         t = abs(mean) / se if se > 0 else (math.inf if mean else 0.0)
         tests[v] = (mean, se, df, mean - half, mean + half, float(2 * stats.t.sf(t, df)))
 
-    tested = [v for v in differences if tests[v][-1] is not None]
+    tested = [v for v in differences if tests[v][-1] is not None and v not in identical]
     p_holm = dict(zip(tested, holm([tests[v][-1] for v in tested])))
-    return {v: Comparison(v, len(d), *tests[v], p_holm.get(v), p_holm.get(v, 1.0) < ALPHA, pool, scale)
+    p_holm.update({v: tests[v][-1] for v in identical if tests[v][-1] is not None})  # 1: the mean is 0
+    return {v: Comparison(v, len(d), *tests[v], p_holm.get(v), p_holm.get(v, 1.0) < ALPHA, pool, scale, v in identical)
             for v, d in differences.items()}
 
 
@@ -179,9 +187,12 @@ def describe(c, lower_is_better=True):
     """(text, verdict) for the report. text: "x1.32 [1.10, 1.58]" on the log scale (the ratio and its
     interval), "+0.031 [+0.010, +0.052]" on the diff scale, "(no interval)" without one. verdict:
     "helps" or "hurts" when significant (lower_is_better says which direction helps), "no verdict"
-    without an interval (one seed and nothing to pool with), else "not significant"."""
+    without an interval (one seed and nothing to pool with), else "not significant"; for an identical
+    variant the text says so in place of the interval."""
     show = (lambda x: f"{math.exp(x):.2f}") if c.scale == "log" else (lambda x: f"{x:+.3f}")
     text = ("x" if c.scale == "log" else "") + show(c.mean)
+    if c.identical:
+        return text + " (the same runs, bit for bit)", "not significant"
     text += f" [{show(c.low)}, {show(c.high)}]" if c.low is not None else " (no interval)"
     if c.low is None:
         return text, "no verdict"

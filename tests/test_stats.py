@@ -188,3 +188,20 @@ def test_one_difference_takes_its_noise_from_elsewhere():
     assert (c.n, c.df, c.se) == (1, 10, 0.1)
     assert abs(c.low - (0.5 - 0.2228)) < 1e-3 and abs(c.high - (0.5 + 0.2228)) < 1e-3 and c.significant
     assert not one_difference("v", 0.2, 0.1, 10).significant  # 0.2 < 0.2228
+
+
+def test_a_variant_that_reran_the_reference_bit_for_bit_is_left_out_of_the_pool_and_of_holm():
+    """ema_0.9999 at the cpu scale: a decay the EMA's warm-up never reaches, so its runs are the
+    baseline's. Its rows of zeros must not shrink the pooled noise, nor count as a test."""
+    rng = np.random.default_rng(4)
+    table = {f"v{i}": {s: float(d) for s, d in enumerate(rng.normal(0.1 * i, SIGMA_D, 2))} for i in range(4)}
+    without = compare_table(table)
+    with_same = compare_table({**table, "same": {0: 0.0, 1: 0.0}})
+    assert pooled_variance({**table, "same": {0: 0.0, 1: 0.0}})[1] == pooled_variance(table)[1] + 1  # it would add a df
+    for v in table:
+        assert with_same[v].se == pytest.approx(without[v].se) and with_same[v].df == without[v].df
+        assert with_same[v].p_holm == pytest.approx(without[v].p_holm)
+        assert not with_same[v].identical
+    same = with_same["same"]
+    assert same.identical and same.mean == 0 and same.p_holm == 1.0 and not same.significant
+    assert describe(same) == ("x1.00 (the same runs, bit for bit)", "not significant")
