@@ -19,9 +19,9 @@ provenance (rows.py: what makes a row current or stale), the statistics (stats.p
 intervals, Holm), the report (report.py) and the budget curve (curve.py). Checkpoints go to
 checkpoints/ablations/ (git-ignored); rows, grids, plots and the report to the scale's folder.
 
-A rerun skips every run that has a current row (--retry_failed runs the failed ones again). Shards
-write results.shard-I-of-K.jsonl beside results.jsonl; every results*.jsonl there is read, so merging
-shards is concatenating their rows.
+A rerun skips every run that has a current row (--retry_failed runs the failed ones again, --remeasure
+the finished ones without a measured CPU time). Shards write results.shard-I-of-K.jsonl beside
+results.jsonl; every results*.jsonl there is read, so merging shards is concatenating their rows.
 """
 import argparse
 import sys
@@ -88,6 +88,9 @@ def parse_args(command, argv):
     p.add_argument("--retrain_missing", action="store_true",
                    help="train a finished run again where a re-evaluation to do needs its checkpoint and this machine "
                         "does not have it (its new row replaces the old one)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="run again the finished runs whose row has no measured CPU time (rows from before the runner "
+                        "measured it), so that the time limit judges them by it; the new row replaces the old one")
     p.add_argument("--dry_run", action="store_true", help="print the runs it would start, and start none")
     return p.parse_args(argv)
 

@@ -35,7 +35,7 @@ from diffusion import check_noise_process, sample, sample_alpha_bar, training_lo
 from plot_log import draw_loss_curve, read_log
 from speed import (PROBE_BATCH, CompileLedger, Plan, autocast, choose_plan, compile_blocks, compile_plan, cpp_compiler,
                    machine, sampling_batch, time_network)
-from unet import check_network, count_parameters, forward_flops, make_network
+from unet import check_network, count_parameters, forward_flops, make_network, zero_init_kills_branches
 from visdom_logger import VisdomLogger
 
 
@@ -256,6 +256,9 @@ def build_state(config, procs, seed, plan):
     # Dropout draws from torch's global generator; re-seeded here, its masks do not depend on how
     # many draws the network's shape took to initialise it.
     torch.manual_seed(stream_seed(seed, "dropout"))
+    if zero_init_kills_branches(config):
+        procs.say("warning: act=relu with zero_init: every residual branch starts at 0 just before its ReLU, whose "
+                  "gradient there is 0, so the branches never train; set zero_init=false")
     if procs.ddp and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         if procs.device.type == "cuda":  # statistics over the global batch, as one process would compute them
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

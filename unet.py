@@ -262,6 +262,13 @@ def make_network(config, image_size=32):
     return DiffusersUNet(config, image_size) if config.arch == "diffusers" else UNet(config, image_size)
 
 
+def zero_init_kills_branches(config):
+    """True where zero_init leaves every residual branch untrainable: it zeroes the branch just before
+    its activation, and ReLU's gradient at 0 is 0, so nothing reaches the zeroed layer (SiLU's and
+    GELU's is 1/2). The cpu study's act_relu measured this (x2.6); act_relu_zero_init_off is ReLU without it."""
+    return config.arch == "ours" and config.zero_init and config.act == "relu"
+
+
 def zero_init_(model):
     """The untrained network outputs exactly 0, and each residual branch (ResBlock, attention)
     adds exactly 0, as in DDPM and ADM (Ho et al. 2020; Dhariwal & Nichol 2021, zero_module).

@@ -5,7 +5,8 @@ A run is a (variant, seed). A re-evaluation needs the trained run it re-evaluate
 brings that run too, and a shard keeps the two together; choosing a variant that shows another's
 runs (`runs_of`) chooses those. A run is skipped when it has a current row (ablations/rows.py):
 finished, or failed unless --retry_failed. A stale row does not count. --retrain_missing trains a
-finished run again where a re-evaluation needs its checkpoint and this machine does not have it.
+finished run again where a re-evaluation needs its checkpoint and this machine does not have it;
+--remeasure runs again a finished run whose row has no measured CPU time.
 """
 import dataclasses
 import difflib
@@ -33,12 +34,20 @@ class Study:
     def preset(self, variant):
         return dict(self.scale.presets).get(variant.preset, variant.preset)
 
+    def pinned(self, variant):
+        """The scale's pinned fields (study.Scale.pinned) where the variant is on preset default."""
+        return self.scale.pinned if variant.preset == "default" else ()
+
+    def overrides(self, variant):
+        """The --set strings a trained variant runs with: its pinned fields first, then its own."""
+        return (*self.pinned(variant), *variant.overrides)
+
     def config(self, variant):
         """The configuration a variant trains with or, for a re-evaluation, samples with."""
         if variant.of:
             parent = self.variant(variant.of)
-            return make_config(self.preset(parent), [*parent.overrides, *variant.overrides])
-        return make_config(self.preset(variant), variant.overrides)
+            return make_config(self.preset(parent), [*self.overrides(parent), *variant.overrides])
+        return make_config(self.preset(variant), self.overrides(variant))
 
     def reference(self, variant):
         """The run a variant is compared with, seed by seed: for a re-evaluation the run it
@@ -164,13 +173,16 @@ def shard(jobs, index, count):
     return [job for job in jobs if roots.index(job.root) % count == index - 1]
 
 
-def to_do(jobs, rows, retry_failed=False, has_checkpoint=None):
+def to_do(jobs, rows, retry_failed=False, has_checkpoint=None, remeasure=False):
     """(the runs without a current row, how many have one): rows is ablations/rows.Rows. With
     has_checkpoint (--retrain_missing: a trained run's key -> whether its checkpoint is on this
     machine), a finished trained run that a re-evaluation to do needs, but whose checkpoint is
     missing, trains again first: its new row replaces the old one, and the old one's re-evaluations
-    become stale (a deterministic run gives the same numbers again)."""
-    done = {key for key, r in rows.current.items() if r["status"] == "ok" or not retry_failed}
+    become stale (a deterministic run gives the same numbers again). With remeasure, so does a
+    finished trained run whose row has no measured CPU time (from before the runner measured it):
+    the time limit then judges it by its CPU time, not by a wall time that other load lengthened."""
+    unmeasured = lambda r: remeasure and r["status"] == "ok" and not r["of"] and not r.get("process_cpu_seconds")
+    done = {key for key, r in rows.current.items() if (r["status"] == "ok" or not retry_failed) and not unmeasured(r)}
     todo = [job for job in jobs if job.key not in done]
     if has_checkpoint:
         trained = {job.root: job for job in jobs if not job.variant.of}  # select() brings each re-evaluation's run

@@ -74,7 +74,7 @@ def write_report(study, folder, setup):
             base = study.variant("baseline")
             b = study.config(base)
             lines += [f"The sweep of the learning rate and batch at the baseline's width, on seed 0. The baseline "
-                      f"(preset {study.preset(base)}) trains at learning rate {b.learning_rate:g}, batch "
+                      f"({preset_of(study, base)}) trains at learning rate {b.learning_rate:g}, batch "
                       f"{b.batch_size}.", ""]
         if group == "one_at_a_time":  # by effect: the largest gain first, the variants without a ratio last
             shown = by_effect(shown, compared)
@@ -391,7 +391,7 @@ def what_matters(study, rows, setup, tables, base_values):
         if runnable:
             done = sum(v.name in tables[group][1][PRIMARY] for v in runnable)
             counts.append(f"{done} of {len(runnable)} {group.replace('_', '-')} rows")
-    lines += [f"At the {study.scale.name} scale: preset {study.preset(study.variant('baseline'))} "
+    lines += [f"At the {study.scale.name} scale: {preset_of(study, study.variant('baseline'))} "
               f"({parameters(config_to_dict(b)) / 1e6:.2f}M parameters, width {width_label(b.channels)}), "
               f"{setup.budget_kimg:g} thousand images a run ({math.ceil(setup.budget_kimg * 1000 / b.batch_size):,} "
               f"steps of {b.batch_size}), "
@@ -464,10 +464,16 @@ def write_readme_section(scale, lines, readme=os.path.join(REPO, "README.md")):
 
 # ---- the tables ----------------------------------------------------------------------------------
 
+def preset_of(study, v):
+    """'preset NAME', with the fields the scale pins where it does (study.Scale.pinned)."""
+    pinned = study.pinned(v)
+    return f"preset {study.preset(v)}" + (f", with {', '.join(pinned)} as the study ran it" if pinned else "")
+
+
 def change_of(study, v):
     if v.name == "baseline":
-        return f"preset {study.preset(v)}"
-    return v.note or " ".join(v.overrides) or f"preset {study.preset(v)}"
+        return preset_of(study, v)
+    return v.note or " ".join(v.overrides) or preset_of(study, v)
 
 
 def by_effect(variants, compared):
@@ -521,7 +527,7 @@ def default_preset_section(study, rows, tables):
         fields = tuple(o.partition("=")[0] for o in v.overrides)
         by_fields.setdefault(fields, []).append(v)
     lines = ["## The default preset", "",
-             f"What the one-at-a-time table says of each field of preset {study.preset(base)}, the baseline (the "
+             f"What the one-at-a-time table says of each field of {preset_of(study, base)}, the baseline (the "
              f"default's recipe at this scale's width): a field whose change **helps** after Holm's correction would "
              f"take the best such value; every other field keeps its value. This is evidence at this scale's budget "
              f"only. So far {len(measured)} of {len(variants)} changes have a ratio.", "",

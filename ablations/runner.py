@@ -96,7 +96,8 @@ class Runner:
         has_checkpoint = None
         if getattr(args, "retrain_missing", False):  # the curve's arguments have no such flag
             has_checkpoint = lambda key: os.path.isfile(os.path.join(self.run_dir(*key), "latest_model.pth"))
-        return planning.to_do(planning.shard(jobs, *args.shard), self.rows(), args.retry_failed, has_checkpoint)
+        return planning.to_do(planning.shard(jobs, *args.shard), self.rows(), args.retry_failed, has_checkpoint,
+                              getattr(args, "remeasure", False))
 
     def run_dir(self, name, seed, budget_kimg=None):
         """Where a trained run's checkpoint and logs go."""
@@ -244,7 +245,8 @@ class Runner:
         self.local.seconds, self.local.cpu_seconds = {}, {}
         eval_seed = self.setup.evaluation_seed if v.eval_seed is None else v.eval_seed
         row = dict(variant=v.name, group=v.group, scale=self.scale.name, preset=self.study.preset(trained),
-                   overrides=[*trained.overrides, *(v.overrides if v.of else ())], of=v.of or None, seed=seed,
+                   overrides=[*self.study.overrides(trained), *(v.overrides if v.of else ())],
+                   of=v.of or None, seed=seed,
                    eval_seed=eval_seed, budget_kimg=budget_kimg, num_samples=self.setup.num_samples,
                    run_id=uuid.uuid4().hex[:12], parent_run=None, config_hash=config_hash(self.study, v),
                    setup_hash=dataclasses.replace(self.setup, budget_kimg=budget_kimg).hash,
@@ -293,7 +295,8 @@ class Runner:
         schedule ends there), then the validation loss of its final weights: the row's training fields."""
         os.makedirs(run_dir, exist_ok=True)
         self.step("train.py", [
-            "train.py", "--preset", self.study.preset(v), *[a for o in v.overrides for a in ("--set", o)],
+            "train.py", "--preset", self.study.preset(v),
+            *[a for o in self.study.overrides(v) for a in ("--set", o)],
             *(["--fresh"] if fresh else []), "--max_kimg", budget_kimg, "--seed", seed, "--model_checkpoint_dir",
             run_dir, "--no_visdom", "--device", slot[1], "--precision", self.setup.precision, "--layout", "contiguous",
             "--log_every", LOG_EVERY, "--save_every", 10 ** 6, "--no_best_checkpoint",

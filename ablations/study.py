@@ -4,6 +4,7 @@ file, and writes the report; nothing here runs anything.
 
 Groups:
     baseline        the study's reference (preset default), on BASELINE_SEEDS
+    tuning          the learning rate and batch swept at the scale's width, on seed 0
     path            from the seed's configuration to the default, one change a row, each row
                     keeping the ones before it
     one_at_a_time   the default with one field changed
@@ -24,7 +25,8 @@ their initial weights, data order and noise draws, and every evaluation of a sca
 same noise and scores against the same real images (Scale.evaluation_seed).
 
 A scale (SCALES) picks the budget in images seen, the number of samples per evaluation, the
-presets (at the cpu scale `default` means `small`, at the toy scale `tiny`) and the variants that run, in one place.
+presets (at the cpu scale `default` means `small`, at the toy scale `tiny`), the fields it pins once
+the study's findings revise a preset (Scale.pinned) and the variants that run, in one place.
 """
 import math
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ EVALUATION_NOISE_SEEDS = 4        # the baseline's seed 0 scored from this many 
 class Variant:
     name: str
     group: str
-    preset: str = "default"       # a scale may map it (cpu: default -> tiny)
+    preset: str = "default"       # a scale may map it (cpu: default -> small, toy: default -> tiny)
     overrides: tuple = ()         # "key=value" strings, as train.py's --set takes them
     of: str = ""                  # re-evaluate this trained variant's run with `overrides` (sampler fields only)
     seeds: tuple = VARIANT_SEEDS  # training seeds; the same as its reference's (the pairs)
@@ -80,6 +82,9 @@ class Scale:
     longer_budget: float = 0      # the check at this factor of the budget (report.longer_budget_section), 0: none
     revised: tuple = ()           # the one-at-a-time variants whose changes the revised default takes (the report's
                                   # "The default preset" names those that help after Holm); (): none chosen yet
+    pinned: tuple = ()            # --set strings put before the overrides of every variant on preset default: that
+                                  # preset's fields as the study ran them, so that revising the preset leaves the
+                                  # study's rows current (their config_hash unchanged); (): the preset as it is
 
 
 SCALES = {
@@ -114,6 +119,11 @@ SCALES = {
                     "minutes on 2 cores of an AMD EPYC while the test suite shared them (2026-12-02)",
         toy=True),
 }
+
+
+def baseline_config(scale):
+    """The scale's baseline: preset default as the scale maps it, with the scale's pinned fields."""
+    return make_config(dict(scale.presets).get("default", "default"), scale.pinned)
 
 
 def setting(key, value):
@@ -192,6 +202,9 @@ def one_at_a_time_variants(b):
         ("norm_batch_batch_stats", ["norm=batch", "bn_sampling_stats=batch"]),
         ("norm_none", ["norm=none"]),
         *[(f"act_{a}", [f"act={a}"]) for a in CHOICES["act"] if a != b.act],
+        # ReLU without the zero_init that kills its residual branches (unet.zero_init_kills_branches):
+        # added after act_relu ran, to say what ReLU itself does; compare it with zero_init_off too.
+        *([("act_relu_zero_init_off", ["act=relu", "zero_init=false"])] if b.zero_init and b.act != "relu" else []),
         ("dropout_0" if b.dropout else "dropout_0.1", [setting("dropout", 0.0 if b.dropout else 0.1)]),
         ("down_conv", ["down=conv"]),
         ("up_transposed", ["up=transposed"]),
@@ -313,6 +326,12 @@ LITERATURE = {
     "norm_batch": ("", "no published comparison; DDPM took GroupNorm for simplicity"),
     "norm_none": ("", "EDM2 gained without normalisation (3.02 -> 2.71), in a magnitude-preserving network, "
                       "which ours is not"),
+    "act_relu": ("", "no published comparison; here ReLU meets our zero_init, which zeroes each residual branch just "
+                     "before its activation: ReLU's gradient at 0 is 0, so the branches never train "
+                     "(unet.zero_init_kills_branches; act_relu_zero_init_off is ReLU without it)"),
+    "act_relu_zero_init_off": ("", "no published comparison; against zero_init_off it is ReLU's own change"),
+    "down_conv": ("", "no published ablation; DDPM and ADM downsample by a strided 3x3 conv"),
+    "up_transposed": ("", "no published ablation; DDPM and ADM upsample by nearest neighbours, then a 3x3 conv"),
     "dropout_0": ("", "mixed: ADM (ImageNet-64) 2.07 with dropout, 2.61 without; EDM2 finds it harmful for "
                       "its smallest networks"),
     "attention_16_8": ("", "ADM (ImageNet-128): attention at 32, 16 and 8 over 16 alone, about -0.7 FID; here 16 "
@@ -368,7 +387,7 @@ def literature(scale):
     """LITERATURE, and for each re-sampling of the baseline what the published FIDs expect of it
     against the baseline's own sampler: hurts or helps beyond 15%, else none; no expectation where
     the two figures come from two papers' models."""
-    b = make_config(dict(scale.presets).get("default", "default"))
+    b = baseline_config(scale)
     entries = dict(LITERATURE)
     mine, mine_at = published_fid(b.sampler, b.sampling_steps)
     for sampler, steps in SAMPLERS:
@@ -389,7 +408,7 @@ def literature(scale):
 def variants(scale):
     """Every variant of the study, in the report's order, with the relative changes taken from
     the scale's baseline (ablate.py keeps the scale's subset)."""
-    b = make_config(dict(scale.presets).get("default", "default"))
+    b = baseline_config(scale)
     one_at_a_time = one_at_a_time_variants(b)
     return [
         Variant("baseline", "baseline", seeds=BASELINE_SEEDS),

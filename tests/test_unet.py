@@ -240,6 +240,24 @@ def test_zero_init_makes_the_output_and_every_residual_branch_exactly_zero(norm)
     assert model.tail.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("act", ["silu", "relu", "gelu"])
+@pytest.mark.parametrize("norm", ["group", "none"])
+def test_zero_init_kills_the_residual_branches_exactly_where_relu_meets_it(act, norm):
+    """zero_init zeroes each residual branch just before its activation. ReLU's gradient at 0 is 0, so no
+    gradient reaches the zeroed layers and the branches never train (the cpu study's act_relu, x2.6):
+    zero_init_kills_branches says so exactly then, and train.py warns."""
+    from unet import zero_init_kills_branches
+    config = make_config("default", [f"act={act}", f"norm={norm}", "zero_init=true", "channels=(16,32)", "attention=()"])
+    torch.manual_seed(0)
+    model = UNet(config)
+    torch.nn.init.normal_(model.tail.weight, std=0.1)  # as after the first step: the tail passes gradient back
+    x = torch.randn(4, 3, 32, 32)
+    (model(x, torch.rand(4)) - x).square().mean().backward()
+    zeroed = [b.block2.conv if norm == "none" else b.block2.norm for b in model.modules() if isinstance(b, ResBlock)]
+    alive = [float(m.weight.grad.abs().sum() + m.bias.grad.abs().sum()) > 0 for m in zeroed]
+    assert alive == [not zero_init_kills_branches(config)] * len(zeroed)
+
+
 def test_without_zero_init_the_output_is_far_from_zero():
     torch.manual_seed(0)
     out = UNet(make_config("default", ["zero_init=false"]))(torch.randn(4, 3, 32, 32), torch.rand(4))
