@@ -383,7 +383,8 @@ def test_revising_the_preset_leaves_the_study_rows_current_where_the_scale_pins_
     assert study.overrides(study.variant("path_C_optimiser")) == study.variant("path_C_optimiser").overrides  # on seed
     assert report.change_of(study, study.variant("baseline")) == "preset small, with hflip=true, dropout=0.1 as the study ran it"
     # What train.py is given, and what the row says it ran.
-    args = ablate.parse_args("run", ["--scale", "cpu", "--out", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "runs")])
+    args = ablate.parse_args("run", ["--scale", "cpu", "--out", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "runs"),
+                                     "--train_dataset_directory", str(tmp_path), "--validate_dataset_directory", str(tmp_path)])
     runner = ablate.Runner(study, args)
     commands = []
     def step(name, command, run_dir, slot):
