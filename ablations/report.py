@@ -16,6 +16,7 @@ from ablations.rows import REPO, Rows, Setup, read_rows
 from ablations.runner import RE_EVALUATION_SHARE
 from cli import UserError, atomic_write
 from config import config_to_dict
+from unet import zero_init_kills_branches
 
 STUDY = os.path.join("ablations", "study.py")
 PRIMARY = "attribute_fd"  # the attribute network's feature distance; lower is better
@@ -609,7 +610,9 @@ def longer_budget_section(study, rows, setup, tables, longer, command):
         return []
     factor = study.scale.longer_budget
     long_setup, long_rows, sub = longer
-    largest = [c.variant for c in sorted(compared[PRIMARY].values(), key=lambda c: -abs(c.mean))[:LONGER_BUDGET_EFFECTS]]
+    trapped = [v.name for v in variants if zero_init_kills_branches(study.config(v))]
+    effects = [c for c in compared[PRIMARY].values() if c.variant not in trapped]
+    largest = [c.variant for c in sorted(effects, key=lambda c: -abs(c.mean))[:LONGER_BUDGET_EFFECTS]]
     names = largest + sorted(n for n, s in long_rows.current if n not in ("baseline", *largest) and s == 0)
     run = command("--budget_kimg", f"{long_setup.budget_kimg:g}", "--out", f"{study.scale.folder}/{sub}", "--seeds",
                   "0", "--only", ",".join(["baseline", *largest]))
@@ -618,7 +621,10 @@ def longer_budget_section(study, rows, setup, tables, longer, command):
              f"{LONGER_BUDGET_EFFECTS} largest effects (by the size of their ratio, now), on seed 0, at {factor:g}x the "
              f"budget ({long_setup.budget_kimg:g} thousand images): `{run}`. One seed has no spread of its own, so its "
              f"interval takes the noise of one paired difference pooled over the one-at-a-time table at "
-             f"{setup.budget_kimg:g} thousand images, an assumption; it is not corrected for the other rows.", ""]
+             f"{setup.budget_kimg:g} thousand images, an assumption; it is not corrected for the other rows."
+             + (f" Left out: {', '.join(f'`{n}`' for n in trapped)}, whose residual branches never train (zero_init "
+                f"zeroes them before a ReLU): more images cannot change a network that does not learn."
+                if trapped else ""), ""]
     sigma, df = pooled_sigma(tables.get("one_at_a_time"))
     fd = lambda r: r["metrics"][PRIMARY]["samples"] if r and r["status"] == "ok" else None
     seed0 = lambda by_rows, name: by_rows.ok(name).get(0)

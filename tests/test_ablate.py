@@ -998,12 +998,13 @@ def test_the_literature_expects_of_a_sampler_what_the_published_fids_say_against
 def test_the_longer_budget_checks_the_largest_effects_on_seed_0_and_says_whether_the_ranking_holds(tmp_path):
     """The one-at-a-time table's 3 largest effects and the baseline at 4x the cpu scale's budget, their rows
     in budget_4x/: each seed-0 ratio beside its ratios at the study's budget, its interval from the
-    table's pooled noise of one paired difference (stats.one_difference), and the ranking at both."""
+    table's pooled noise of one paired difference (stats.one_difference), and the ranking at both. A variant
+    whose residual branches cannot train (act_relu with zero_init) is not a largest effect, however large."""
     study = load("cpu")
     setup = Setup.of(study.scale)
     longer = Setup.of(study.scale, budget_kimg=ablate.positive_float("300"))  # as the command line reads it
     (tmp_path / "budget_4x").mkdir()
-    effects = {"ema_off": 3.0, "width_half": 1.6, "lr_x2": 0.5, "act_relu": 1.05, "norm_batch": 0.97}
+    effects = {"ema_off": 3.0, "width_half": 1.6, "lr_x2": 0.5, "act_relu": 4.0, "norm_batch": 0.97}
     tinted = lambda row, tint: {**row, "metrics": {**row["metrics"], "background_error": {"samples": tint, "floor": 0}}}
     for seed in (0, 1):
         rows.append_row(tmp_path / "results.jsonl", tinted(fake_row(study, setup, "baseline", seed, 100.0 + seed), 20.0))
@@ -1016,6 +1017,7 @@ def test_the_longer_budget_checks_the_largest_effects_on_seed_0_and_says_whether
     text = open(report.write_report(study, str(tmp_path), setup)).read()
     section = text[text.index("## A longer budget"):].split("\n## ", 1)[0]
     assert "| x0.50 [" in next(row for row in section.splitlines() if row.startswith("| `lr_x2` |"))
+    assert "Left out: `act_relu`, whose residual branches never train" in section and "| `act_relu` |" not in section
     assert ("`bash ablate.sh --scale cpu --budget_kimg 300 --out ablations/cpu/budget_4x --seeds 0 --only "
             "baseline,ema_off,lr_x2,width_half`") in section
     sigma, df = report.pooled_sigma(report.table(study, rows.Rows.of(study, setup, rows.read_rows(str(tmp_path))),
