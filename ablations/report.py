@@ -289,8 +289,21 @@ def run_time_lines(study, done, curve):
                      f"longest run, {longest}, took {minutes[longest]:.1f}; "
                      + (f"{len(over)} passed the limit: {', '.join(over)}." if over else "none passed the limit.")
                      + (f" Of these, {len(guessed)} {'has' if len(guessed) == 1 else 'have'} no measured CPU time (rows from before the runner measured "
-                        f"it): their wall time counts, which work sharing the cores lengthens." if guessed else ""))
+                        f"it): their wall time counts, which work sharing the cores lengthens." if guessed else "")
+                     + baseline_minutes_line(done, over, minutes))
     return lines
+
+
+def baseline_minutes_line(done, over, minutes):
+    """The limit chose the scale by the baseline's cost: where changes pass it, the baseline's own
+    longest run beside them (a change that adds computation costs more by design)."""
+    base = [m for name, m in minutes.items() if name.startswith("`baseline` ")]
+    changes = [name for name in over if not name.startswith("`baseline` ")]
+    if not base or not changes:
+        return ""
+    return (f" The limit is the baseline's, which chose the scale: its own runs took at most {max(base):.1f}; "
+            f"a change that adds computation (more attention, a wider network) costs more by design, and runs its "
+            f"budget all the same.")
 
 
 def variant_seeds(study):

@@ -353,6 +353,10 @@ LITERATURE = {
     "ema_off": ("hurts", EMA_FOUND),
     "ema_0.9999": ("", "EDM2: the best EMA length grows with training; DDPM's 0.9999 was for 800k steps"),
     "zero_init_off": ("", "DDPM and ADM zero their output layers, with no published ablation"),
+    "width_half": ("", "no published ablation at a fixed budget; DDPM's CIFAR-10 network has 35.7M parameters"),
+    "width_double": ("", "no published ablation at a fixed budget; DDPM's CIFAR-10 network has 35.7M parameters"),
+    "tail_tanh": ("", "no published comparison; DDPM and ADM predict eps with an unbounded output, and a tanh "
+                      "cannot reach the third of eps's values that lie outside (-1, 1)"),
     "data_range_0_1": ("", "no published numbers"),
     "baseline_clamp_off": ("", "no published numbers"),
     "baseline_trailing": ("", "Lin et al. 2024: trailing steps matter where a sampler would not start at the last "

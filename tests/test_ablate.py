@@ -545,7 +545,8 @@ def test_the_report_shows_paired_ratios_from_the_rule_and_its_header(tmp_path):
 def test_the_header_warns_of_mixed_precisions_and_machines_and_counts_the_cpu_time(tmp_path):
     """A study pins one precision and the minutes are one machine's: the header says when rows
     disagree, gives the total CPU time, and names the runs that took longer than the scale's limit."""
-    path = write_study(tmp_path, 'Variant("baseline", "baseline", seeds=(0, 1, 2))')
+    path = write_study(tmp_path, 'Variant("baseline", "baseline", seeds=(0, 1, 2)), '
+                                 'Variant("wide", "one_at_a_time", overrides=("channels=(32,64,64,64)",), seeds=(0,))')
     source = open(path).read().replace("toy=True", "toy=True, run_minutes_limit=1")
     open(path, "w").write(source)
     study = plan.load_study(path, "toy")
@@ -565,6 +566,13 @@ def test_the_header_warns_of_mixed_precisions_and_machines_and_counts_the_cpu_ti
     text = open(report.write_report(study, str(tmp_path), setup)).read()
     assert ("2 passed the limit: `baseline` seed 0, `baseline` seed 2. Of these, 1 has no measured CPU time (rows "
             "from before the runner measured it): their wall time counts") in text
+    assert "The limit is the baseline's" not in text  # only the baseline's runs passed it
+    # A change that passes the limit: the baseline's own longest run beside it.
+    rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "wide", 0, 90.0, threads=1, cpu_seconds=300.0,
+                                                         process_cpu_seconds=300.0))
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    assert "the longest run, `wide` seed 0, took 2.5; 3 passed the limit" in text
+    assert "The limit is the baseline's, which chose the scale: its own runs took at most 1.5;" in text
     assert "sqrt(2) times the baseline's spread over its seeds" in text  # no paired table yet: the upper bound
     rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "baseline", 1, 111.0, precision="bf16",
                                                          cpu="CPU (other, 2 cores)", **same))
