@@ -290,11 +290,11 @@ def run_time_lines(study, done, curve):
                      + (f"{len(over)} passed the limit: {', '.join(over)}." if over else "none passed the limit.")
                      + (f" Of these, {len(guessed)} {'has' if len(guessed) == 1 else 'have'} no measured CPU time (rows from before the runner measured "
                         f"it): their wall time counts, which work sharing the cores lengthens." if guessed else "")
-                     + baseline_minutes_line(done, over, minutes))
+                     + baseline_minutes_line(over, minutes))
     return lines
 
 
-def baseline_minutes_line(done, over, minutes):
+def baseline_minutes_line(over, minutes):
     """The limit chose the scale by the baseline's cost: where changes pass it, the baseline's own
     longest run beside them (a change that adds computation costs more by design)."""
     base = [m for name, m in minutes.items() if name.startswith("`baseline` ")]
