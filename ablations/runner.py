@@ -30,9 +30,12 @@ from tqdm import tqdm
 from ablations import plan as planning
 from ablations.rows import REPO, Rows, Setup, append_row, config_hash, provenance, read_rows
 from cli import UserError, make_folder
-from config import config_to_dict
+from config import Config, config_to_dict
 from plot_log import read_log
 
+# What sets a run's cost most: under a deadline, a run is estimated from finished runs that share them,
+# so that one wide network's hour does not keep the baseline's 25-minute runs from starting.
+COST_FIELDS = ("arch", "channels", "attention")
 RE_EVALUATION_SHARE = 1 / 3  # a re-evaluation's time as a share of a trained run's, until one has finished
 
 # Concurrent runs on one GPU. Not measured yet: the "time to quality" issue measures it on a GPU.
@@ -206,13 +209,18 @@ class Runner:
             return None
 
     def estimate_seconds(self, job):
-        """The longest finished run of its kind (trained, or re-evaluated) at this setup, else the
-        scale's guess. A re-evaluation's sampling is most of its time, so one with more sampler steps
-        than a finished one takes that one's time times the ratio of their steps (DDPM's 1000 steps:
-        40 times a 25-step evaluation), never less."""
-        steps = self.study.config(job.variant).sampling_steps
-        seconds = [r["wall_seconds"] * (max(1, steps / r["sampler"]["steps"]) if job.variant.of else 1)
-                   for r in self.rows().current.values() if r["status"] == "ok" and bool(r["of"]) == bool(job.variant.of)]
+        """The longest finished run of its kind (trained, or re-evaluated) at this setup, of the same
+        network (COST_FIELDS) where one has finished, else of any network; else the scale's guess. A
+        re-evaluation's sampling is most of its time, so one with more sampler steps than a finished
+        one takes that one's time times the ratio of their steps (DDPM's 1000 steps: 40 times a
+        25-step evaluation), never less."""
+        as_json = lambda config: json.loads(json.dumps(config_to_dict(config)))
+        config, default = as_json(self.study.config(job.variant)), as_json(Config())  # rows older than a field lack it
+        network = lambda c: [c.get(f, default[f]) for f in COST_FIELDS]
+        finished = [r for r in self.rows().current.values() if r["status"] == "ok" and bool(r["of"]) == bool(job.variant.of)]
+        alike = [r for r in finished if network(r.get("config") or {}) == network(config)]
+        seconds = [r["wall_seconds"] * (max(1, config["sampling_steps"] / r["sampler"]["steps"]) if job.variant.of else 1)
+                   for r in alike or finished]
         return max(seconds) if seconds else 60 * self.scale.run_minutes_guess * (RE_EVALUATION_SHARE if job.variant.of else 1)
 
     def interrupt(self, message, wait=False):

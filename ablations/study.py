@@ -320,6 +320,15 @@ def revised_variants(scale, one_at_a_time):
 TARGETS_ALIKE = ("", "Salimans & Ho 2022: eps, x0 and v, each with a sensible weighting, within 0.2 FID at "
                      "convergence with a stochastic sampler, but 2.51 to 3.27 with DDIM, deterministic as ours is")
 EMA_FOUND = "DDPM's checkpoint: 3.21 with EMA 0.9999, 12.14 with the raw weights (a secondary source)"
+LR_FOUND = ("no published sweep at a fixed budget; EDM's retuning (3.01 -> 2.51) raised Adam's rate from DDPM's 2e-4 "
+            "to 1e-3, at batch 512")
+LR_SCHEDULE_FOUND = ("no published ablation; DDPM keeps the rate constant after its warm-up, diffusers' "
+                     "train_unconditional.py decays it on a cosine")
+DROPOUT_FOUND = ("mixed: ADM (ImageNet-64) 2.07 with dropout, 2.61 without; EDM2 finds it harmful for its "
+                 "smallest networks")
+ZERO_INIT_FOUND = "DDPM and ADM zero their output layers, with no published ablation"
+HFLIP_FOUND = "no published ablation; DDPM trains on CIFAR-10 with random horizontal flips (its run_cifar.py)"
+BATCH_FOUND = "no published ablation at a fixed number of images; DDPM trains at batch 128, EDM at 512"
 LITERATURE = {
     "noise_cond_none": ("hurts", "Sun et al. 2025: most models degrade gracefully without the noise level, "
                                  "deterministic samplers such as DDIM badly"),
@@ -330,10 +339,15 @@ LITERATURE = {
                      "before its activation: ReLU's gradient at 0 is 0, so the branches never train "
                      "(unet.zero_init_kills_branches; act_relu_zero_init_off is ReLU without it)"),
     "act_relu_zero_init_off": ("", "no published comparison; against zero_init_off it is ReLU's own change"),
+    "act_gelu": ("", "no published comparison; DDPM and ADM use SiLU (swish)"),
+    "norm_batch_batch_stats": ("", "no published comparison; with the batch's statistics at sampling time, each "
+                                   "sample depends on the others in its batch"),
+    "hflip_off": ("", HFLIP_FOUND),
+    "hflip_on": ("", HFLIP_FOUND),
     "down_conv": ("", "no published ablation; DDPM and ADM downsample by a strided 3x3 conv"),
     "up_transposed": ("", "no published ablation; DDPM and ADM upsample by nearest neighbours, then a 3x3 conv"),
-    "dropout_0": ("", "mixed: ADM (ImageNet-64) 2.07 with dropout, 2.61 without; EDM2 finds it harmful for "
-                      "its smallest networks"),
+    "dropout_0": ("", DROPOUT_FOUND),
+    "dropout_0.1": ("", DROPOUT_FOUND),
     "attention_16_8": ("", "ADM (ImageNet-128): attention at 32, 16 and 8 over 16 alone, about -0.7 FID; here 16 "
                            "joins 8"),
     "attention_none": ("", "no 32x32 result without attention"),
@@ -350,9 +364,16 @@ LITERATURE = {
                               "error), no FID on our kind of data"),
     "optimizer_adam": ("none", "with weight decay 0, as here, AdamW is Adam: a null change, the study "
                                "checking itself"),
+    "lr_x0.5": ("", LR_FOUND),
+    "lr_x2": ("", LR_FOUND),
+    "warmup_0": ("", "no published ablation; DDPM warms up over its first 5,000 of 800k steps (its run_cifar.py)"),
+    "grad_clip_0": ("", "no published ablation; DDPM clips the gradient's norm at 1 (its run_cifar.py)"),
+    "lr_schedule_cosine": ("", LR_SCHEDULE_FOUND),
+    "lr_schedule_linear": ("", LR_SCHEDULE_FOUND),
     "ema_off": ("hurts", EMA_FOUND),
     "ema_0.9999": ("", "EDM2: the best EMA length grows with training; DDPM's 0.9999 was for 800k steps"),
-    "zero_init_off": ("", "DDPM and ADM zero their output layers, with no published ablation"),
+    "zero_init_off": ("", ZERO_INIT_FOUND),
+    "zero_init_on": ("", ZERO_INIT_FOUND),
     "width_half": ("", "no published ablation at a fixed budget; DDPM's CIFAR-10 network has 35.7M parameters"),
     "width_double": ("", "no published ablation at a fixed budget; DDPM's CIFAR-10 network has 35.7M parameters"),
     "tail_tanh": ("", "no published comparison; DDPM and ADM predict eps with an unbounded output, and a tanh "
@@ -393,6 +414,7 @@ def literature(scale):
     the two figures come from two papers' models."""
     b = baseline_config(scale)
     entries = dict(LITERATURE)
+    entries.update({v.name: ("", BATCH_FOUND) for v in one_at_a_time_variants(b) if v.name.startswith("batch_")})
     mine, mine_at = published_fid(b.sampler, b.sampling_steps)
     for sampler, steps in SAMPLERS:
         name, (fid, at) = sampled_by("baseline", sampler, steps, b), published_fid(sampler, steps)

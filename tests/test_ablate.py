@@ -281,18 +281,26 @@ def test_remeasure_runs_again_only_the_finished_trained_runs_without_a_measured_
         ("baseline", 0), ("norm_batch", 0), ("norm_batch", 1)]
 
 
-def test_the_deadline_estimates_a_re_evaluation_by_its_sampler_steps(tmp_path):
+def test_the_deadline_estimates_a_run_by_its_network_and_a_re_evaluation_by_its_sampler_steps(tmp_path):
     """Under --deadline_minutes a re-evaluation with 40 times the sampler steps of a finished one is
     estimated at 40 times its time, so that DDPM's 1000 steps do not start near the deadline on the
-    strength of a 25-step evaluation; one with fewer steps at that one's time."""
+    strength of a 25-step evaluation; one with fewer steps at that one's time. A trained run is
+    estimated from runs of its own network: a wide network's long run does not hold back the
+    baseline's, and stands for a network no run has tried yet."""
     runner = gpu_runner(tmp_path)
     results = tmp_path / "out" / "results.jsonl"
-    rows.append_row(results, fake_row(runner.study, runner.setup, "baseline", 0, 100.0, wall_seconds=700.0))
+    config = lambda name: json.loads(json.dumps(config_to_dict(runner.study.config(runner.study.variant(name)))))
+    rows.append_row(results, fake_row(runner.study, runner.setup, "baseline", 0, 100.0, wall_seconds=700.0,
+                                      config=config("baseline")))
     rows.append_row(results, fake_row(runner.study, runner.setup, "evaluation_noise_1", 0, 101.0, wall_seconds=300.0,
                                       sampler={"sampler": "dpm", "steps": 25}))
     estimate = lambda name: runner.estimate_seconds(plan.Job(runner.study.variant(name), 0))
     assert estimate("baseline_ddpm_1000") == 300.0 * 1000 / 25 and estimate("baseline_ddim_50") == 600.0
     assert estimate("baseline_dpm_10") == 300.0 and estimate("norm_batch") == 700.0
+    rows.append_row(results, fake_row(runner.study, runner.setup, "width_double", 0, 90.0, wall_seconds=5000.0,
+                                      config=config("width_double")))
+    assert estimate("norm_batch") == 700.0 and estimate("width_double") == 5000.0
+    assert estimate("attention_16_8") == 5000.0  # no run of its network yet: the longest of any
 
 
 def test_a_bf16_study_refuses_a_cpu_that_would_emulate_bf16(tmp_path, monkeypatch):
@@ -928,10 +936,19 @@ def test_what_matters_gives_each_change_its_verdict_the_literature_and_whether_t
     assert line("target_x0").endswith("| - |")  # the literature's targets differ by sampler: no expectation
     assert "helps** |" in line("optimizer_adam") and line("optimizer_adam").endswith("| disagrees |")
     assert line("norm_batch").endswith("| no published comparison; DDPM took GroupNorm for simplicity | - |")
-    assert line("act_gelu").endswith("| nothing published found | - |")
+    assert line("act_gelu").endswith(f"| {study.literature['act_gelu'][1]} | - |")
     order = [row.split("`")[1] for row in section.splitlines() if row.startswith("| `")]
     assert order[0] == "optimizer_adam" and order[-1] == "ema_off"  # by effect
     assert f"So far: {len(effects)} of {sum(v.group == 'one_at_a_time' for v in study.variants)} one-at-a-time rows" in section
+
+
+@pytest.mark.parametrize("scale", ["toy", "cpu", "gpu"])
+def test_every_one_at_a_time_change_says_what_the_literature_found(scale):
+    """The table's literature column never falls back to "nothing published found" for a change of
+    the study's own list: each has an entry, if only to say that no ablation was published."""
+    study = load(scale)
+    missing = [v.name for v in study.variants if v.group == "one_at_a_time" and v.name not in study.literature]
+    assert not missing, f"no LITERATURE entry in ablations/study.py for {missing}"
 
 
 @pytest.mark.parametrize("expected, verdict, words", [
