@@ -528,8 +528,9 @@ def group_paragraph(study, rows, variants, compared):
 
 def default_preset_section(study, rows, tables):
     """What the one-at-a-time table says of each field of the baseline's preset: a field whose
-    change helps after Holm's correction would take the best such value; every other field keeps
-    its value, and the section says why (its changes hurt, or showed no detectable effect)."""
+    change helps after Holm's correction would take the best such value, unless its runs pass the
+    scale's run-minute limit (a wider network: more quality per image, not per minute); every other
+    field keeps its value, and the section says why (its changes hurt, or showed no detectable effect)."""
     variants, compared = tables.get("one_at_a_time", ([], {}))
     measured = [v for v in variants if v.name in compared.get(PRIMARY, {})]
     if not measured:
@@ -537,6 +538,9 @@ def default_preset_section(study, rows, tables):
     base = study.variant("baseline")
     b = study.config(base)
     evidence, by_fields = [], {}
+    limit = study.scale.run_minutes_allowed or study.scale.run_minutes_limit
+    minutes = lambda v: max((cpu_time(r) / MACHINE_CORES / 60 for r in rows.ok(v.name).values()
+                             if r.get("cpu_seconds") is not None), default=0)
     for v in measured:
         fields = tuple(o.partition("=")[0] for o in v.overrides)
         by_fields.setdefault(fields, []).append(v)
@@ -549,10 +553,16 @@ def default_preset_section(study, rows, tables):
     for fields, vs in by_fields.items():
         found = {v.name: stats.describe(compared[PRIMARY][v.name]) for v in vs}
         helps = sorted((v for v in vs if found[v.name][1] == "helps"), key=lambda v: compared[PRIMARY][v.name].mean)
+        costly = [v for v in helps if limit and minutes(v) > limit]
+        helps = [v for v in helps if v not in costly]
         value = ", ".join(str(getattr(b, f)) for f in fields)
         measured_text = "; ".join(f"`{v.name}` {found[v.name][0].split(' [')[0]} {found[v.name][1]}" for v in vs)
         verdicts_here = {found[v.name][1] for v in vs}
-        if helps:
+        if costly and not helps:
+            said = (f"keeps it: {' '.join(costly[0].overrides)} helps per image, but its runs took up to "
+                    f"{minutes(costly[0]):.1f} minutes of the machine, over the scale's limit of {limit:g}; the budget "
+                    f"curve weighs a wider network by quality per minute")
+        elif helps:
             evidence.append(helps[0].name)
             said = f"**a change helps: {' '.join(helps[0].overrides)}** (`{helps[0].name}`)"
         elif "hurts" in verdicts_here:

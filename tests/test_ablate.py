@@ -1059,7 +1059,8 @@ def test_the_longer_budget_checks_the_largest_effects_on_seed_0_and_says_whether
 
 def test_the_default_preset_section_changes_a_field_only_where_a_change_helps(tmp_path):
     """A field takes a new value only where its change helps after Holm's correction (the best of
-    those); else it keeps its value, and says whether its changes hurt or showed nothing."""
+    those), and its runs keep within the scale's run-minute limit; else it keeps its value, and says
+    whether its changes hurt, showed nothing, or cost more minutes than a run may take."""
     study = load("cpu")
     setup = Setup.of(study.scale)
     effects = {"lr_x2": 0.5, "lr_x0.5": 1.5, "ema_off": 2.0, "act_relu": 1.01, "act_gelu": 0.99}
@@ -1068,6 +1069,9 @@ def test_the_default_preset_section_changes_a_field_only_where_a_change_helps(tm
         for name, ratio in effects.items():
             rows.append_row(tmp_path / "results.jsonl",
                             fake_row(study, setup, name, seed, (100.0 + seed) * ratio * (1.02 if seed else 0.98)))
+        # Better per image, at 36 minutes of the 2-core machine a run, past the scale's 15.
+        rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "width_double", seed, (100.0 + seed) * 0.8 * (
+            1.02 if seed else 0.98), cpu_seconds=4300.0, process_cpu_seconds=4320.0 - seed))
     text = open(report.write_report(study, str(tmp_path), setup)).read()
     section = text[text.index("## The default preset"):].split("\n## ", 1)[0]
     row = lambda field: next(line for line in section.splitlines() if line.startswith(f"| `{field}` |"))
@@ -1075,8 +1079,12 @@ def test_the_default_preset_section_changes_a_field_only_where_a_change_helps(tm
     assert row("learning_rate").endswith("| **a change helps: learning_rate=0.004** (`lr_x2`) |")
     assert row("ema_decay").endswith("| keeps it: its changes hurt |")
     assert row("act").endswith("| keeps it: no detectable effect |")
-    assert "So far 5 of 36 changes have a ratio." in section
-    assert ("The table chooses `lr_x2` so far (5 of 36 changes measured): when it is complete, set `revised` in "
+    assert row("channels").startswith("| `channels` | (16, 32, 64, 64) | `width_double` x0.80 helps |")
+    assert row("channels").endswith("| keeps it: channels=(32,64,128,128) helps per image, but its runs took up to 36.0 "
+                                    "minutes of the machine, over the scale's limit of 15; the budget curve weighs a "
+                                    "wider network by quality per minute |")
+    assert "So far 6 of 36 changes have a ratio." in section
+    assert ("The table chooses `lr_x2` so far (6 of 36 changes measured): when it is complete, set `revised` in "
             "scale cpu of ablations/study.py to what it chooses, and run `revised_default`.") in section
     for flags in (["--only", "revised_default"], ["--group", "revised"]):  # it cannot run before then, and says why (gpu scale)
         with pytest.raises(UserError, match=f"{flags[0]} revised.*: cannot run yet: set revised in scale gpu"):
