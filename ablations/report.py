@@ -266,6 +266,11 @@ def cpu_time(row):
     return row.get("process_cpu_seconds") or row["cpu_seconds"]
 
 
+def machine_minutes(row):
+    """A run's minutes of the study's machine: its CPU time over MACHINE_CORES cores."""
+    return cpu_time(row) / MACHINE_CORES / 60
+
+
 def run_time_lines(study, done, curve):
     """The study's total CPU (or GPU) time, and its longest run against the scale's limit."""
     cpu = [r for r in [*done, *curve] if r.get("cpu_seconds") is not None]
@@ -278,7 +283,7 @@ def run_time_lines(study, done, curve):
     lines = [f"- **Total CPU time**: {total / 3600:.1f} CPU-hours ({total / 3600 / MACHINE_CORES:.1f} hours of a "
              f"{MACHINE_CORES}-core machine) for {len(cpu)} finished runs and curve points ({how})."]
     limit = study.scale.run_minutes_allowed or study.scale.run_minutes_limit
-    minutes = {f"`{r['variant']}` seed {r['seed']}": run_minutes(r) if r in curve else cpu_time(r) / MACHINE_CORES / 60
+    minutes = {f"`{r['variant']}` seed {r['seed']}": run_minutes(r) if r in curve else machine_minutes(r)
                for r in cpu if not r.get("of")}
     if limit and minutes:
         over = [name for name, m in minutes.items() if m > limit]
@@ -385,7 +390,7 @@ def what_matters(study, rows, setup, tables, base_values):
     if first is None:
         return lines + ["Nothing yet: the baseline has no finished run.", ""]
     b = study.config(study.variant("baseline"))
-    minutes = sorted(cpu_time(r) / MACHINE_CORES / 60 for r in base.values() if r.get("cpu_seconds"))
+    minutes = sorted(machine_minutes(r) for r in base.values() if r.get("cpu_seconds"))
     cost = (f", about {minutes[len(minutes) // 2]:.0f} minutes of a {MACHINE_CORES}-core machine a run, evaluation "
             f"included" if minutes else "")
     sigma, df, _ = detectable_sigma(tables, base_values)
@@ -539,7 +544,7 @@ def default_preset_section(study, rows, tables):
     b = study.config(base)
     evidence, by_fields = [], {}
     limit = study.scale.run_minutes_allowed or study.scale.run_minutes_limit
-    minutes = lambda v: max((cpu_time(r) / MACHINE_CORES / 60 for r in rows.ok(v.name).values()
+    minutes = lambda v: max((machine_minutes(r) for r in rows.ok(v.name).values()
                              if r.get("cpu_seconds") is not None), default=0)
     for v in measured:
         fields = tuple(o.partition("=")[0] for o in v.overrides)
