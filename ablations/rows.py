@@ -11,8 +11,10 @@ from it, the study's own output folder left out), torch, the machine, and two ha
 A row is current when both match the study file and the command line. Rows of another setup (say
 another --budget_kimg) are another study and are not shown. A row of this setup whose variant was
 edited since it ran is stale, and so is a re-evaluation whose trained run has been run again since
-(its parent_run is not the trained run's current run_id): the report lists stale rows apart and the
-runner runs them again. A row is appended whole, as one write of one line, so an interrupted run
+with another outcome (its parent_run is not the trained run's current run_id, and the row it names
+measured something else: OUTCOME): the report lists stale rows apart and the runner runs them again.
+A rerun that reproduces its run to the last digit (--retrain_missing on a machine that lacks the
+checkpoint, the run being deterministic) trained the same network, so its re-evaluations stay. A row is appended whole, as one write of one line, so an interrupted run
 leaves no row, and a line cut short by a crash is skipped (with a warning) without taking the next
 row with it.
 """
@@ -49,6 +51,16 @@ class Setup:
 
 def digest(value):
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# What a trained run measured: the loss at every logged step, the held-out losses, the metrics.
+OUTCOME = ("curve", "train_loss", "val_loss", "val_loss_ema", "metrics", "attribute_tv")
+
+
+def same_outcome(row, other):
+    """Whether two rows of a trained run measured the same, to the last digit: a rerun that
+    reproduced it."""
+    return other is not None and row["status"] == other["status"] == "ok" and all(row.get(k) == other.get(k) for k in OUTCOME)
 
 
 def config_hash(study, variant):
@@ -131,9 +143,11 @@ class Rows:
                 stale.append((r, "its variant was edited since it ran"))
             else:
                 current[r["variant"], r["seed"]] = r
+        by_id = {r["run_id"]: r for r in mine}
         for key, r in list(current.items()):
             parent = current.get((r["of"], r["seed"])) if r["of"] else None
-            if r["of"] and r["status"] == "ok" and (parent is None or parent["run_id"] != r.get("parent_run")):
+            if r["of"] and r["status"] == "ok" and (parent is None or parent["run_id"] != r.get("parent_run")
+                                                    and not same_outcome(parent, by_id.get(r.get("parent_run")))):
                 stale.append((r, f"its trained run {r['of']} seed {r['seed']} was run again since"))
                 del current[key]
         superseded = {(r["variant"], r["seed"]) for r in current.values()}

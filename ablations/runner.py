@@ -28,7 +28,7 @@ import uuid
 from tqdm import tqdm
 
 from ablations import plan as planning
-from ablations.rows import REPO, Rows, Setup, append_row, config_hash, provenance, read_rows
+from ablations.rows import REPO, Rows, Setup, append_row, config_hash, provenance, read_rows, same_outcome
 from cli import UserError, make_folder
 from config import Config, config_to_dict
 from plot_log import read_log
@@ -180,9 +180,12 @@ class Runner:
                         self.running.discard(job.key)
                         self.lock.notify_all()
                 with self.lock:
+                    before = None if job.variant.of else self.rows().current.get(job.key)  # a rerun's earlier row
                     append_row(self.results, row)
                 self.bar.update(1)
                 self.bar.write(summary(row))
+                if before is not None and before["status"] == "ok":
+                    self.bar.write(rerun_note(before, row))
         except BaseException:
             self.interrupt("a bug in ablate.py stopped the study (traceback below); the runs under way leave no row")
             raise
@@ -409,6 +412,17 @@ def summary(row):
     metric = row["metrics"][PRIMARY]
     return (f"{row['variant']} seed {row['seed']}: {PRIMARY} {fmt(metric['samples'])} (floor {fmt(metric['floor'])}), "
             f"{row['wall_seconds']:.0f} s")
+
+
+def rerun_note(before, row):
+    """What a rerun of a trained run (--retrain_missing, --remeasure) means for the re-evaluations of
+    its earlier row (ablations/rows.py)."""
+    head = f"{row['variant']} seed {row['seed']}"
+    if same_outcome(before, row):
+        return (f"{head}: measured the same as its earlier run {before['run_id']} to the last digit (it is "
+                f"deterministic): that run's re-evaluations stay current")
+    return (f"{head}: measured otherwise than its earlier run {before['run_id']}: that run's re-evaluations are "
+            f"stale; the same command again runs them on this run")
 
 
 def package_version(name):

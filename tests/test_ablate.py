@@ -443,7 +443,9 @@ def test_a_bug_in_the_runner_stops_it_with_its_traceback_and_writes_no_row(tmp_p
     assert not (tmp_path / "out" / "results.jsonl").exists()
 
 
-def test_an_edited_variant_and_a_re_evaluation_of_a_rerun_are_stale(tmp_path):
+def test_an_edited_variant_and_a_re_evaluation_of_a_rerun_are_stale_unless_the_rerun_reproduced_its_run(tmp_path):
+    """A re-evaluation of a trained run that ran again is stale, unless the rerun measured the same to
+    the last digit (--retrain_missing on a machine without the checkpoint: a deterministic run)."""
     path = write_study(tmp_path, '''Variant("baseline", "baseline", seeds=(0, 1)),
         Variant("lr_x2", "one_at_a_time", overrides=("learning_rate=4e-4",)),
         Variant("baseline_ddim_5", "sampling", of="baseline", overrides=("sampling_steps=5",))''')
@@ -465,7 +467,15 @@ def test_an_edited_variant_and_a_re_evaluation_of_a_rerun_are_stale(tmp_path):
                        .replace("learning_rate=4e-4", "learning_rate=8e-4"))
     study = plan.load_study(path, "toy")
     written.append(fake_row(study, setup, "baseline", 1, 101.0, tag="rerun"))
+    # Baseline seed 0 runs again too, and reproduces itself: its re-evaluation stays current.
+    written.append(fake_row(study, setup, "baseline", 0, 100.0, tag="reproduced"))
     sorted_out = rows.Rows.of(study, setup, written)
+    assert sorted_out.current["baseline", 0]["run_id"] == "baseline-0-reproduced"
+    assert sorted_out.current["baseline_ddim_5", 0]["parent_run"] == "baseline-0-"
+    assert "stay current" in runner_module.rerun_note(written[0], written[-1])
+    assert "stale" in runner_module.rerun_note(written[1], written[-2])
+    otherwise = dict(written[-1], curve={"kimg": [1, 2, 3], "train_loss": [0.5, 0.3, 0.2000001]})
+    assert not rows.same_outcome(written[0], otherwise)  # the same metrics, another loss curve: another run
     assert sorted(((r["variant"], r["seed"]), why) for r, why in sorted_out.stale) == [
         (("baseline_ddim_5", 1), "its trained run baseline seed 1 was run again since"),
         (("lr_x2", 0), "its variant was edited since it ran"), (("lr_x2", 1), "its variant was edited since it ran")]
