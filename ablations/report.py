@@ -13,7 +13,7 @@ from ablations import stats
 from ablations.curve import (LIMIT_FALLBACK, MACHINE_CORES, current_points, per_doubling, run_minutes, suggest_budget,
                              width_label)
 from ablations.rows import REPO, Rows, Setup, read_rows
-from ablations.runner import RE_EVALUATION_SHARE
+from ablations.runner import RE_EVALUATION_SHARE, sampling_line
 from cli import UserError, atomic_write
 from config import config_to_dict
 from unet import zero_init_kills_branches
@@ -828,26 +828,29 @@ def not_yet_run(study, rows, command):
 
 def time_left(study, rows, missing):
     """How long the runs left would take on one machine of MACHINE_CORES cores, from the finished
-    rows' CPU time: a trained run at the median trained run's, a re-evaluation at the median
-    re-evaluation's time per sampler step times its steps (the metrics' share does not grow with the
-    steps, so this overstates long samplers and understates short ones), or before any has finished
-    at RE_EVALUATION_SHARE of a trained run, the runner's guess. A forecast, not the deadline's safe bound
-    (runner.estimate_seconds). Nothing where no finished row has a CPU time."""
+    rows' CPU time: a trained run at the median trained run's; a re-evaluation by the line through
+    the finished re-evaluations' CPU time against their sampler steps (runner.sampling_line), else at
+    the median time per sampler step times its steps, else at RE_EVALUATION_SHARE of a trained run,
+    the runner's guess. A forecast, not the deadline's safe bound (runner.estimate_seconds). Nothing
+    where no finished row has a CPU time."""
     done = [r for r in rows.current.values() if r["status"] == "ok" and r.get("cpu_seconds")]
     trained = [cpu_time(r) for r in done if not r["of"]]
-    per_step = [cpu_time(r) / r["sampler"]["steps"] for r in done if r["of"]]
+    points = [(r["sampler"]["steps"], cpu_time(r)) for r in done if r["of"]]
     runs = [v for v, seeds in missing if not v.not_runnable and not v.runs_of for _ in seeds]
     if not trained or not runs:
         return []
     one = statistics.median(trained)
-    step = statistics.median(per_step) if per_step else None
-    seconds = sum((step * study.config(v).sampling_steps if step else one * RE_EVALUATION_SHARE) if v.of else one
-                  for v in runs)
+    line = sampling_line(points)
+    fixed, step = line[:2] if line else (0, statistics.median(t / s for s, t in points) if points else None)
+    seconds = sum((fixed + step * study.config(v).sampling_steps if step else one * RE_EVALUATION_SHARE) if v.of
+                  else one for v in runs)
     hours = seconds / 3600 / MACHINE_CORES
+    how = (f"{fixed:.0f} CPU-seconds and {step:.1f} more a sampler step, the line through the finished ones" if line
+           else f"{step:.0f} CPU-seconds a sampler step" if step
+           else f"{RE_EVALUATION_SHARE:.0%} of that, until one has finished")
     return [f"Left: {len(runs)} runs, about {hours:.{1 if hours < 10 else 0}f} hours of a {MACHINE_CORES}-core "
             f"machine at the finished rows' CPU time (a trained run {one / 60:.0f} CPU-minutes; a re-evaluation "
-            + (f"{step:.0f} CPU-seconds a sampler step, which overstates the long samplers and understates the short"
-               if step else f"{RE_EVALUATION_SHARE:.0%} of that, until one has finished") + ").", ""]
+            f"{how}).", ""]
 
 
 # ---- the plots -----------------------------------------------------------------------------------

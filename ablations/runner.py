@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -82,6 +83,7 @@ class Runner:
                                 f"with bash images/make_default_dataset.sh")
         self.facts = {"torch": package_version("torch"), **provenance(self.out)}
         self.runs_per_gpu = args.runs_per_gpu or RUNS_PER_GPU
+        self.threads = None  # each run's CPU threads, once run() has its slots
         self.lock = threading.Condition()  # guards the plan, the children and the results file
         self.stop = threading.Event()
         self.children = set()
@@ -133,6 +135,7 @@ class Runner:
     def run(self):
         jobs, skipped = self.plan()
         slots = self.slots()
+        self.threads = slots[0][2]
         print(f"ablation study, scale {self.scale.name}: budget {self.setup.budget_kimg:g} kimg, "
               f"{self.setup.num_samples} samples per evaluation, {self.setup.precision}; {len(jobs)} runs to do, "
               f"{skipped} skipped (they have a current row); {len(slots)} at a time on {slots[0][1]}; rows in "
@@ -213,18 +216,28 @@ class Runner:
 
     def estimate_seconds(self, job):
         """The longest finished run of its kind (trained, or re-evaluated) at this setup, of the same
-        network (COST_FIELDS) where one has finished, else of any network; else the scale's guess. A
-        re-evaluation's sampling is most of its time, so one with more sampler steps than a finished
-        one takes that one's time times the ratio of their steps (DDPM's 1000 steps: 40 times a
-        25-step evaluation), never less."""
+        network (COST_FIELDS) where one has finished, else of any network; else the scale's guess.
+        A re-evaluation's time grows with its sampler steps: where finished ones (on as many threads
+        as this invocation's runs, where those suffice) span two step counts, the line fitted
+        through them (sampling_line), raised by the most a finished one took over it, and never
+        less than the longest with as many steps or more; else the longest times the ratio of the
+        steps (DDPM's 1000 steps: 40 times a 25-step evaluation), never less."""
         as_json = lambda config: json.loads(json.dumps(config_to_dict(config)))
         config, default = as_json(self.study.config(job.variant)), as_json(Config())  # rows older than a field lack it
         network = lambda c: [c.get(f, default[f]) for f in COST_FIELDS]
         finished = [r for r in self.rows().current.values() if r["status"] == "ok" and bool(r["of"]) == bool(job.variant.of)]
-        alike = [r for r in finished if network(r.get("config") or {}) == network(config)]
-        seconds = [r["wall_seconds"] * (max(1, config["sampling_steps"] / r["sampler"]["steps"]) if job.variant.of else 1)
-                   for r in alike or finished]
-        return max(seconds) if seconds else 60 * self.scale.run_minutes_guess * (RE_EVALUATION_SHARE if job.variant.of else 1)
+        pool = [r for r in finished if network(r.get("config") or {}) == network(config)] or finished
+        if not pool:
+            return 60 * self.scale.run_minutes_guess * (RE_EVALUATION_SHARE if job.variant.of else 1)
+        if not job.variant.of:
+            return max(r["wall_seconds"] for r in pool)
+        steps, times = config["sampling_steps"], lambda rs: [(r["sampler"]["steps"], r["wall_seconds"]) for r in rs]
+        for points in (times([r for r in pool if r.get("threads") == self.threads]), times(pool)):
+            line = sampling_line(points)
+            if line:
+                fixed, per_step, above = line
+                return max([fixed + per_step * steps + above, *(t for s, t in points if s >= steps)])
+        return max(t * max(1, steps / s) for s, t in times(pool))
 
     def interrupt(self, message, wait=False):
         """Stop: no new step starts, the steps under way get SIGTERM (train.py writes its checkpoint);
@@ -412,6 +425,18 @@ def summary(row):
     metric = row["metrics"][PRIMARY]
     return (f"{row['variant']} seed {row['seed']}: {PRIMARY} {fmt(metric['samples'])} (floor {fmt(metric['floor'])}), "
             f"{row['wall_seconds']:.0f} s")
+
+
+def sampling_line(points):
+    """(fixed seconds, seconds per sampler step, the most a point lies above the line): the
+    least-squares line through re-evaluations' (sampler steps, seconds); None where they have fewer
+    than two step counts or the line does not rise."""
+    if len({s for s, _ in points}) < 2:
+        return None
+    per_step, fixed = statistics.linear_regression(*zip(*points))
+    if per_step <= 0:
+        return None
+    return fixed, per_step, max(t - fixed - per_step * s for s, t in points)
 
 
 def rerun_note(before, row):

@@ -281,10 +281,12 @@ def test_remeasure_runs_again_only_the_finished_trained_runs_without_a_measured_
         ("baseline", 0), ("norm_batch", 0), ("norm_batch", 1)]
 
 
-def test_the_deadline_estimates_a_run_by_its_network_and_a_re_evaluation_by_its_sampler_steps(tmp_path):
+def test_the_deadline_estimates_a_run_by_its_network_and_a_re_evaluation_by_its_sampler_steps_and_threads(tmp_path):
     """Under --deadline_minutes a re-evaluation with 40 times the sampler steps of a finished one is
     estimated at 40 times its time, so that DDPM's 1000 steps do not start near the deadline on the
-    strength of a 25-step evaluation; one with fewer steps at that one's time. A trained run is
+    strength of a 25-step evaluation; one with fewer steps at that one's time. Once re-evaluations
+    span two step counts, by the line through them (the metrics' fixed share does not grow with the
+    steps), on the runs' own threads where it can. A trained run is
     estimated from runs of its own network: a wide network's long run does not hold back the
     baseline's, and stands for a network no run has tried yet."""
     runner = gpu_runner(tmp_path)
@@ -301,6 +303,21 @@ def test_the_deadline_estimates_a_run_by_its_network_and_a_re_evaluation_by_its_
                                       config=config("width_double")))
     assert estimate("norm_batch") == 700.0 and estimate("width_double") == 5000.0
     assert estimate("attention_16_8") == 5000.0  # no run of its network yet: the longest of any
+
+    # Re-evaluations at two step counts: the line through them, on the runs' own threads where
+    # those span two step counts. 1 thread: 140 s at 10 steps, 300 s at 25; 2 threads: 130 s at 20,
+    # 155 s at 25.
+    for name, steps, seconds, threads in (("evaluation_noise_1", 25, 300.0, 1), ("baseline_dpm_10", 10, 140.0, 1),
+                                          ("baseline_dpm_20", 20, 130.0, 2), ("evaluation_noise_2", 25, 155.0, 2)):
+        rows.append_row(results, fake_row(runner.study, runner.setup, name, 0, 101.0, wall_seconds=seconds,
+                                          threads=threads, sampler={"sampler": "dpm", "steps": steps}))
+    runner.threads = 1
+    assert estimate("baseline_ddpm_1000") == pytest.approx(140 + 990 * 160 / 15)  # not 40 x 300 s
+    assert estimate("baseline_dpm_10") == 300.0  # never less than a longer finished one
+    runner.threads = 2
+    assert estimate("baseline_ddpm_1000") == pytest.approx(30 + 5 * 1000)
+    assert runner_module.sampling_line([(10, 140.0), (25, 300.0), (25, 310.0)])[2] == pytest.approx(5.0)  # the most above
+    assert runner_module.sampling_line([(25, 300.0), (25, 310.0)]) is None
 
 
 def test_a_bf16_study_refuses_a_cpu_that_would_emulate_bf16(tmp_path, monkeypatch):
@@ -613,7 +630,8 @@ def test_the_report_without_rows_lists_every_variant_as_not_yet_run(tmp_path):
 
 def test_not_yet_run_says_how_long_the_runs_left_would_take_at_the_finished_rows_cpu_time(tmp_path):
     """A trained run left at the median finished trained run's CPU time, a re-evaluation at the
-    median re-evaluation's CPU time per sampler step times its own steps; over 2 cores."""
+    median re-evaluation's CPU time per sampler step times its own steps, or once they span two step
+    counts by the line through them; over 2 cores."""
     path = write_study(tmp_path, '''Variant("baseline", "baseline", seeds=(0, 1)),
         Variant("lr_x2", "one_at_a_time", overrides=("learning_rate=0.004",), seeds=(0, 1)),
         Variant("baseline_ddim_100", "sampling", of="baseline", overrides=("sampler=ddim", "sampling_steps=100"),
@@ -631,6 +649,14 @@ def test_not_yet_run_says_how_long_the_runs_left_would_take_at_the_finished_rows
     # 2 trained runs of 1800 s, 2 re-evaluations of 100 steps at 3.6 s, 1 of 10 steps: 4356 s over 2 cores.
     assert ("Left: 5 runs, about 0.6 hours of a 2-core machine at the finished rows' CPU time (a trained run 30 "
             "CPU-minutes; a re-evaluation 4 CPU-seconds a sampler step") in text
+    # At two step counts, the line through them: 36 s at 10 steps and 306 s at 100 are 6 s and 3 s a
+    # step; left: 2 trained runs of 1800 s, 306 s and 36 s, 3942 s over 2 cores.
+    rows.append_row(tmp_path / "results.jsonl", fake_row(study, setup, "baseline_ddim_100", 0, 100.0, threads=1,
+                                                         cpu_seconds=306.0, sampler={"sampler": "ddim", "steps": 100}))
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    assert ("Left: 4 runs, about 0.5 hours of a 2-core machine at the finished rows' CPU time (a trained run 30 "
+            "CPU-minutes; a re-evaluation 6 CPU-seconds and 3.0 more a sampler step, the line through the finished "
+            "ones).") in text
 
 
 @pytest.mark.parametrize("scale", ["gpu", "cpu", "toy"])
