@@ -829,13 +829,16 @@ def not_yet_run(study, rows, command):
 def time_left(study, rows, missing):
     """How long the runs left would take on one machine of MACHINE_CORES cores, from the finished
     rows' CPU time: a trained run at the median trained run's; a re-evaluation by the line through
-    the finished re-evaluations' CPU time against their sampler steps (runner.sampling_line), else at
+    the finished re-evaluations' CPU time against their sampler steps (runner.sampling_line; those
+    whose CPU time was measured, where there are some), else at
     the median time per sampler step times its steps, else at RE_EVALUATION_SHARE of a trained run,
     the runner's guess. A forecast, not the deadline's safe bound (runner.estimate_seconds). Nothing
     where no finished row has a CPU time."""
     done = [r for r in rows.current.values() if r["status"] == "ok" and r.get("cpu_seconds")]
     trained = [cpu_time(r) for r in done if not r["of"]]
-    points = [(r["sampler"]["steps"], cpu_time(r)) for r in done if r["of"]]
+    evaluated = [r for r in done if r["of"]]
+    points = [(r["sampler"]["steps"], cpu_time(r)) for r in [r for r in evaluated if r.get("process_cpu_seconds")]
+              or evaluated]
     runs = [v for v, seeds in missing if not v.not_runnable and not v.runs_of for _ in seeds]
     if not trained or not runs:
         return []

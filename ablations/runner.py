@@ -217,8 +217,9 @@ class Runner:
     def estimate_seconds(self, job):
         """The longest finished run of its kind (trained, or re-evaluated) at this setup, of the same
         network (COST_FIELDS) where one has finished, else of any network; else the scale's guess.
-        A re-evaluation's time grows with its sampler steps: where finished ones (on as many threads
-        as this invocation's runs, where those suffice) span two step counts, the line fitted
+        A re-evaluation's time grows with its sampler steps: where finished ones (those with a
+        measured CPU time where there are some; on as many threads as this invocation's runs, where
+        those suffice) span two step counts, the line fitted
         through them (sampling_line), raised by the most a finished one took over it, and never
         less than the longest with as many steps or more; else the longest times the ratio of the
         steps (DDPM's 1000 steps: 40 times a 25-step evaluation), never less."""
@@ -231,6 +232,8 @@ class Runner:
             return 60 * self.scale.run_minutes_guess * (RE_EVALUATION_SHARE if job.variant.of else 1)
         if not job.variant.of:
             return max(r["wall_seconds"] for r in pool)
+        # Rows from before the runner measured CPU time may have shared the cores with other work.
+        pool = [r for r in pool if r.get("process_cpu_seconds")] or pool
         steps, times = config["sampling_steps"], lambda rs: [(r["sampler"]["steps"], r["wall_seconds"]) for r in rs]
         for points in (times([r for r in pool if r.get("threads") == self.threads]), times(pool)):
             line = sampling_line(points)

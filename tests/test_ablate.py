@@ -316,6 +316,11 @@ def test_the_deadline_estimates_a_run_by_its_network_and_a_re_evaluation_by_its_
     assert estimate("baseline_dpm_10") == 300.0  # never less than a longer finished one
     runner.threads = 2
     assert estimate("baseline_ddpm_1000") == pytest.approx(30 + 5 * 1000)
+    # Once a re-evaluation's CPU time was measured, the rows without one (from before, which may have
+    # shared the cores with other work) no longer count.
+    rows.append_row(results, fake_row(runner.study, runner.setup, "evaluation_noise_3", 0, 101.0, wall_seconds=100.0,
+                                      threads=1, process_cpu_seconds=99.0, sampler={"sampler": "dpm", "steps": 25}))
+    assert estimate("baseline_ddpm_1000") == 100.0 * 1000 / 25
     assert runner_module.sampling_line([(10, 140.0), (25, 300.0), (25, 310.0)])[2] == pytest.approx(5.0)  # the most above
     assert runner_module.sampling_line([(25, 300.0), (25, 310.0)]) is None
 
