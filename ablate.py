@@ -87,11 +87,12 @@ def parse_args(command, argv):
     p.add_argument("--retry_failed", action="store_true", help="run the variants whose row says failed again")
     p.add_argument("--retrain_missing", action="store_true",
                    help="train a finished run again where a re-evaluation to do needs its checkpoint and this machine "
-                        "does not have it (its new row replaces the old one; the old one's re-evaluations stay where it measured "
-                        "the same to the last digit)")
+                        "does not have it (its new row replaces the old one; the old one's re-evaluations stay current "
+                        "where it measured the same to the last digit)")
     p.add_argument("--remeasure", action="store_true",
                    help="run again the finished runs whose row has no measured CPU time (rows from before the runner "
-                        "measured it), so that the time limit judges them by it; the new row replaces the old one")
+                        "measured it), so that the time limit judges them by it; the new row replaces the old one, "
+                        "and the old one's re-evaluations stay current where it measured the same to the last digit")
     p.add_argument("--dry_run", action="store_true", help="print the runs it would start, and start none")
     return p.parse_args(argv)
 

@@ -178,7 +178,8 @@ def to_do(jobs, rows, retry_failed=False, has_checkpoint=None, remeasure=False):
     has_checkpoint (--retrain_missing: a trained run's key -> whether its checkpoint is on this
     machine), a finished trained run that a re-evaluation to do needs, but whose checkpoint is
     missing, trains again first: its new row replaces the old one, and the old one's re-evaluations
-    become stale (a deterministic run gives the same numbers again). With remeasure, so does a
+    stay current where it measured the same to the last digit (rows.same_outcome: the runs are
+    deterministic), else they become stale. With remeasure, so does a
     finished trained run whose row has no measured CPU time (from before the runner measured it):
     the time limit then judges it by its CPU time, not by a wall time that other load lengthened."""
     unmeasured = lambda r: remeasure and r["status"] == "ok" and not r["of"] and not r.get("process_cpu_seconds")

@@ -830,10 +830,10 @@ def time_left(study, rows, missing):
     """How long the runs left would take on one machine of MACHINE_CORES cores, from the finished
     rows' CPU time: a trained run at the median trained run's; a re-evaluation by the line through
     the finished re-evaluations' CPU time against their sampler steps (runner.sampling_line; those
-    whose CPU time was measured, where there are some), else at
-    the median time per sampler step times its steps, else at RE_EVALUATION_SHARE of a trained run,
-    the runner's guess. A forecast, not the deadline's safe bound (runner.estimate_seconds). Nothing
-    where no finished row has a CPU time."""
+    whose CPU time was measured, where there are some), else at the median time per sampler step
+    times its steps, else at RE_EVALUATION_SHARE of a trained run, the runner's guess. A forecast of
+    CPU time, not the deadline's estimate of wall time (runner.estimate_seconds). Nothing where no
+    finished row has a CPU time."""
     done = [r for r in rows.current.values() if r["status"] == "ok" and r.get("cpu_seconds")]
     trained = [cpu_time(r) for r in done if not r["of"]]
     evaluated = [r for r in done if r["of"]]
@@ -844,7 +844,10 @@ def time_left(study, rows, missing):
         return []
     one = statistics.median(trained)
     line = sampling_line(points)
-    fixed, step = line[:2] if line else (0, statistics.median(t / s for s, t in points) if points else None)
+    if line:
+        fixed, step = line[:2]
+    else:
+        fixed, step = 0, statistics.median(t / s for s, t in points) if points else None
     seconds = sum((fixed + step * study.config(v).sampling_steps if step else one * RE_EVALUATION_SHARE) if v.of
                   else one for v in runs)
     hours = seconds / 3600 / MACHINE_CORES

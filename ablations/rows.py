@@ -13,10 +13,10 @@ another --budget_kimg) are another study and are not shown. A row of this setup 
 edited since it ran is stale, and so is a re-evaluation whose trained run has been run again since
 with another outcome (its parent_run is not the trained run's current run_id, and the row it names
 measured something else: OUTCOME): the report lists stale rows apart and the runner runs them again.
-A rerun that reproduces its run to the last digit (--retrain_missing on a machine that lacks the
-checkpoint, the run being deterministic) trained the same network, so its re-evaluations stay. A row is appended whole, as one write of one line, so an interrupted run
-leaves no row, and a line cut short by a crash is skipped (with a warning) without taking the next
-row with it.
+A rerun that reproduced its run to the last digit (--retrain_missing on a machine that lacks the
+checkpoint, --remeasure; the runs are deterministic) trained the same network, so the re-evaluations
+stay. A row is appended whole, as one write of one line, so an interrupted run leaves no row, and a
+line cut short by a crash is skipped (with a warning) without taking the next row with it.
 """
 import dataclasses
 import glob
@@ -60,7 +60,8 @@ OUTCOME = ("curve", "train_loss", "val_loss", "val_loss_ema", "metrics", "attrib
 def same_outcome(row, other):
     """Whether two rows of a trained run measured the same, to the last digit: a rerun that
     reproduced it."""
-    return other is not None and row["status"] == other["status"] == "ok" and all(row.get(k) == other.get(k) for k in OUTCOME)
+    return (other is not None and row["status"] == other["status"] == "ok"
+            and all(row.get(k) == other.get(k) for k in OUTCOME))
 
 
 def config_hash(study, variant):
@@ -146,8 +147,10 @@ class Rows:
         by_id = {r["run_id"]: r for r in mine}
         for key, r in list(current.items()):
             parent = current.get((r["of"], r["seed"])) if r["of"] else None
-            if r["of"] and r["status"] == "ok" and (parent is None or parent["run_id"] != r.get("parent_run")
-                                                    and not same_outcome(parent, by_id.get(r.get("parent_run")))):
+            evaluated = by_id.get(r.get("parent_run"))  # the trained run's row it re-evaluated
+            same_network = parent is not None and (parent["run_id"] == r.get("parent_run")
+                                                   or same_outcome(parent, evaluated))
+            if r["of"] and r["status"] == "ok" and not same_network:
                 stale.append((r, f"its trained run {r['of']} seed {r['seed']} was run again since"))
                 del current[key]
         superseded = {(r["variant"], r["seed"]) for r in current.values()}

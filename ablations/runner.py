@@ -182,13 +182,13 @@ class Runner:
                     with self.lock:
                         self.running.discard(job.key)
                         self.lock.notify_all()
+                note = None if job.variant.of else rerun_note(self.rows(), row)
                 with self.lock:
-                    before = None if job.variant.of else self.rows().current.get(job.key)  # a rerun's earlier row
                     append_row(self.results, row)
                 self.bar.update(1)
                 self.bar.write(summary(row))
-                if before is not None and before["status"] == "ok":
-                    self.bar.write(rerun_note(before, row))
+                if note:
+                    self.bar.write(note)
         except BaseException:
             self.interrupt("a bug in ablate.py stopped the study (traceback below); the runs under way leave no row")
             raise
@@ -217,12 +217,12 @@ class Runner:
     def estimate_seconds(self, job):
         """The longest finished run of its kind (trained, or re-evaluated) at this setup, of the same
         network (COST_FIELDS) where one has finished, else of any network; else the scale's guess.
-        A re-evaluation's time grows with its sampler steps: where finished ones (those with a
-        measured CPU time where there are some; on as many threads as this invocation's runs, where
-        those suffice) span two step counts, the line fitted
-        through them (sampling_line), raised by the most a finished one took over it, and never
-        less than the longest with as many steps or more; else the longest times the ratio of the
-        steps (DDPM's 1000 steps: 40 times a 25-step evaluation), never less."""
+        A re-evaluation's time grows with its sampler steps. Where finished ones (those with a
+        measured CPU time, where there are some) span two step counts: the line through them
+        (sampling_line), raised by the most one took over it; the line through those on this
+        invocation's threads where they span two, else through all, times the most one on these
+        threads took over it. Else the longest times the ratio of the steps (DDPM's 1000 steps: 40
+        times a 25-step evaluation), never less. A forecast from a few points, not a bound."""
         as_json = lambda config: json.loads(json.dumps(config_to_dict(config)))
         config, default = as_json(self.study.config(job.variant)), as_json(Config())  # rows older than a field lack it
         network = lambda c: [c.get(f, default[f]) for f in COST_FIELDS]
@@ -232,15 +232,18 @@ class Runner:
             return 60 * self.scale.run_minutes_guess * (RE_EVALUATION_SHARE if job.variant.of else 1)
         if not job.variant.of:
             return max(r["wall_seconds"] for r in pool)
-        # Rows from before the runner measured CPU time may have shared the cores with other work.
+        # Rows from before the runner measured CPU time: some shared the cores with the tests.
         pool = [r for r in pool if r.get("process_cpu_seconds")] or pool
-        steps, times = config["sampling_steps"], lambda rs: [(r["sampler"]["steps"], r["wall_seconds"]) for r in rs]
-        for points in (times([r for r in pool if r.get("threads") == self.threads]), times(pool)):
-            line = sampling_line(points)
-            if line:
-                fixed, per_step, above = line
-                return max([fixed + per_step * steps + above, *(t for s, t in points if s >= steps)])
-        return max(t * max(1, steps / s) for s, t in times(pool))
+        steps = config["sampling_steps"]
+        here = [(r["sampler"]["steps"], r["wall_seconds"]) for r in pool if r.get("threads") == self.threads]
+        every = [(r["sampler"]["steps"], r["wall_seconds"]) for r in pool]
+        line = sampling_line(here) or sampling_line(every)
+        if line is None:
+            return max(t * max(1, steps / s) for s, t in here or every)
+        fixed, per_step, above = line
+        at = lambda s: fixed + per_step * s
+        slower = 1 if sampling_line(here) else max([t / at(s) for s, t in here], default=1)
+        return slower * (at(steps) + above)
 
     def interrupt(self, message, wait=False):
         """Stop: no new step starts, the steps under way get SIGTERM (train.py writes its checkpoint);
@@ -433,24 +436,32 @@ def summary(row):
 def sampling_line(points):
     """(fixed seconds, seconds per sampler step, the most a point lies above the line): the
     least-squares line through re-evaluations' (sampler steps, seconds); None where they have fewer
-    than two step counts or the line does not rise."""
+    than two step counts, or the line does not rise from a time of at least 0 (noise)."""
     if len({s for s, _ in points}) < 2:
         return None
     per_step, fixed = statistics.linear_regression(*zip(*points))
-    if per_step <= 0:
+    if per_step <= 0 or fixed < 0:
         return None
     return fixed, per_step, max(t - fixed - per_step * s for s, t in points)
 
 
-def rerun_note(before, row):
-    """What a rerun of a trained run (--retrain_missing, --remeasure) means for the re-evaluations of
-    its earlier row (ablations/rows.py)."""
+def rerun_note(rows, row):
+    """What a trained run's new row means for the current re-evaluations of its earlier row (a rerun:
+    --retrain_missing, --remeasure; ablations/rows.py), before it is appended to rows; None where
+    there are none."""
+    before = rows.current.get((row["variant"], row["seed"]))
+    evaluations = [r for r in rows.current.values() if before and r.get("parent_run") == before["run_id"]]
+    if not evaluations:
+        return None
     head = f"{row['variant']} seed {row['seed']}"
     if same_outcome(before, row):
         return (f"{head}: measured the same as its earlier run {before['run_id']} to the last digit (it is "
-                f"deterministic): that run's re-evaluations stay current")
-    return (f"{head}: measured otherwise than its earlier run {before['run_id']}: that run's re-evaluations are "
-            f"stale; the same command again runs them on this run")
+                f"deterministic): its {len(evaluations)} re-evaluations stay current")
+    if row["status"] != "ok":
+        return (f"{head}: failed where its earlier run {before['run_id']} finished: its {len(evaluations)} "
+                f"re-evaluations are stale until --retry_failed trains it again")
+    return (f"{head}: measured otherwise than its earlier run {before['run_id']}: its {len(evaluations)} "
+            f"re-evaluations are stale; the same command again runs them on this run")
 
 
 def package_version(name):

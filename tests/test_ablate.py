@@ -306,23 +306,28 @@ def test_the_deadline_estimates_a_run_by_its_network_and_a_re_evaluation_by_its_
 
     # Re-evaluations at two step counts: the line through them, on the runs' own threads where
     # those span two step counts. 1 thread: 140 s at 10 steps, 300 s at 25; 2 threads: 130 s at 20,
-    # 155 s at 25.
-    for name, steps, seconds, threads in (("evaluation_noise_1", 25, 300.0, 1), ("baseline_dpm_10", 10, 140.0, 1),
-                                          ("baseline_dpm_20", 20, 130.0, 2), ("evaluation_noise_2", 25, 155.0, 2)):
+    # 155 s at 25; 4 threads: 100 s at 25, one step count, so the line through all, scaled.
+    points = ((25, 300.0, 1), (10, 140.0, 1), (20, 130.0, 2), (25, 155.0, 2), (25, 100.0, 4))
+    for name, (steps, seconds, threads) in zip(("evaluation_noise_1", "baseline_dpm_10", "baseline_dpm_20",
+                                                "evaluation_noise_2", "evaluation_noise_3"), points):
         rows.append_row(results, fake_row(runner.study, runner.setup, name, 0, 101.0, wall_seconds=seconds,
                                           threads=threads, sampler={"sampler": "dpm", "steps": steps}))
     runner.threads = 1
     assert estimate("baseline_ddpm_1000") == pytest.approx(140 + 990 * 160 / 15)  # not 40 x 300 s
-    assert estimate("baseline_dpm_10") == 300.0  # never less than a longer finished one
+    assert estimate("baseline_dpm_10") == pytest.approx(140.0)
     runner.threads = 2
     assert estimate("baseline_ddpm_1000") == pytest.approx(30 + 5 * 1000)
+    runner.threads = 4
+    fixed, per_step, above = runner_module.sampling_line([(s, t) for s, t, _ in points])
+    assert estimate("baseline_ddpm_1000") == pytest.approx(100 / (fixed + per_step * 25) * (fixed + per_step * 1000 + above))
     # Once a re-evaluation's CPU time was measured, the rows without one (from before, which may have
     # shared the cores with other work) no longer count.
-    rows.append_row(results, fake_row(runner.study, runner.setup, "evaluation_noise_3", 0, 101.0, wall_seconds=100.0,
-                                      threads=1, process_cpu_seconds=99.0, sampler={"sampler": "dpm", "steps": 25}))
-    assert estimate("baseline_ddpm_1000") == 100.0 * 1000 / 25
+    rows.append_row(results, fake_row(runner.study, runner.setup, "evaluation_noise_4", 0, 101.0, wall_seconds=90.0,
+                                      threads=1, process_cpu_seconds=89.0, sampler={"sampler": "dpm", "steps": 25}))
+    assert estimate("baseline_ddpm_1000") == 90.0 * 1000 / 25
     assert runner_module.sampling_line([(10, 140.0), (25, 300.0), (25, 310.0)])[2] == pytest.approx(5.0)  # the most above
     assert runner_module.sampling_line([(25, 300.0), (25, 310.0)]) is None
+    assert runner_module.sampling_line([(10, 30.0), (25, 300.0)]) is None  # -150 s at 0 steps: noise
 
 
 def test_a_bf16_study_refuses_a_cpu_that_would_emulate_bf16(tmp_path, monkeypatch):
@@ -488,16 +493,23 @@ def test_an_edited_variant_and_a_re_evaluation_of_a_rerun_are_stale_unless_the_r
     path = write_study(tmp_path, open(path).read().split("return [", 1)[1].rsplit("]", 1)[0]
                        .replace("learning_rate=4e-4", "learning_rate=8e-4"))
     study = plan.load_study(path, "toy")
+    earlier = rows.Rows.of(study, setup, written)
     written.append(fake_row(study, setup, "baseline", 1, 101.0, tag="rerun"))
     # Baseline seed 0 runs again too, and reproduces itself: its re-evaluation stays current.
     written.append(fake_row(study, setup, "baseline", 0, 100.0, tag="reproduced"))
     sorted_out = rows.Rows.of(study, setup, written)
     assert sorted_out.current["baseline", 0]["run_id"] == "baseline-0-reproduced"
     assert sorted_out.current["baseline_ddim_5", 0]["parent_run"] == "baseline-0-"
-    assert "stay current" in runner_module.rerun_note(written[0], written[-1])
-    assert "stale" in runner_module.rerun_note(written[1], written[-2])
     otherwise = dict(written[-1], curve={"kimg": [1, 2, 3], "train_loss": [0.5, 0.3, 0.2000001]})
     assert not rows.same_outcome(written[0], otherwise)  # the same metrics, another loss curve: another run
+    # What the runner says of each rerun, from the rows before it.
+    note = lambda row: runner_module.rerun_note(earlier, row)
+    assert note(written[-1]) == ("baseline seed 0: measured the same as its earlier run baseline-0- to the last digit "
+                                 "(it is deterministic): its 1 re-evaluations stay current")
+    assert "baseline seed 1: measured otherwise than its earlier run baseline-1-: its 1 re-evaluations are stale" in note(
+        written[-2])
+    assert "are stale until --retry_failed" in note(fake_row(study, setup, "baseline", 1, 0.0, status="failed"))
+    assert note(fake_row(study, setup, "lr_x2", 0, 91.0, tag="again")) is None  # nothing re-evaluates it
     assert sorted(((r["variant"], r["seed"]), why) for r, why in sorted_out.stale) == [
         (("baseline_ddim_5", 1), "its trained run baseline seed 1 was run again since"),
         (("lr_x2", 0), "its variant was edited since it ran"), (("lr_x2", 1), "its variant was edited since it ran")]
@@ -662,6 +674,14 @@ def test_not_yet_run_says_how_long_the_runs_left_would_take_at_the_finished_rows
     assert ("Left: 4 runs, about 0.5 hours of a 2-core machine at the finished rows' CPU time (a trained run 30 "
             "CPU-minutes; a re-evaluation 6 CPU-seconds and 3.0 more a sampler step, the line through the finished "
             "ones).") in text
+    # Once re-evaluations with a measured CPU time span two step counts, the others no longer count:
+    # 36 s at 10 steps and 216 s at 100 are 16 s and 2 s a step.
+    for steps, seconds in ((10, 36.0), (100, 216.0)):
+        rows.append_row(tmp_path / "results.jsonl", fake_row(
+            study, setup, f"baseline_ddim_{steps}", 1, 100.0, threads=1, cpu_seconds=seconds,
+            process_cpu_seconds=seconds, sampler={"sampler": "ddim", "steps": steps}))
+    text = open(report.write_report(study, str(tmp_path), setup)).read()
+    assert "(a trained run 30 CPU-minutes; a re-evaluation 16 CPU-seconds and 2.0 more a sampler step" in text
 
 
 @pytest.mark.parametrize("scale", ["gpu", "cpu", "toy"])
