@@ -13,7 +13,7 @@ from ablations import stats
 from ablations.curve import (LIMIT_FALLBACK, MACHINE_CORES, current_points, per_doubling, run_minutes, suggest_budget,
                              width_label)
 from ablations.rows import REPO, Rows, Setup, read_rows
-from ablations.runner import RE_EVALUATION_SHARE, sampling_line
+from ablations.runner import RE_EVALUATION_SHARE, measured_first, sampling_line
 from cli import UserError, atomic_write
 from config import config_to_dict
 from unet import zero_init_kills_branches
@@ -836,9 +836,7 @@ def time_left(study, rows, missing):
     finished row has a CPU time."""
     done = [r for r in rows.current.values() if r["status"] == "ok" and r.get("cpu_seconds")]
     trained = [cpu_time(r) for r in done if not r["of"]]
-    evaluated = [r for r in done if r["of"]]
-    points = [(r["sampler"]["steps"], cpu_time(r)) for r in [r for r in evaluated if r.get("process_cpu_seconds")]
-              or evaluated]
+    points = [(r["sampler"]["steps"], cpu_time(r)) for r in measured_first([r for r in done if r["of"]])]
     runs = [v for v, seeds in missing if not v.not_runnable and not v.runs_of for _ in seeds]
     if not trained or not runs:
         return []

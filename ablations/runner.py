@@ -232,17 +232,16 @@ class Runner:
             return 60 * self.scale.run_minutes_guess * (RE_EVALUATION_SHARE if job.variant.of else 1)
         if not job.variant.of:
             return max(r["wall_seconds"] for r in pool)
-        # Rows from before the runner measured CPU time: some shared the cores with the tests.
-        pool = [r for r in pool if r.get("process_cpu_seconds")] or pool
-        steps = config["sampling_steps"]
+        pool, steps = measured_first(pool), config["sampling_steps"]
         here = [(r["sampler"]["steps"], r["wall_seconds"]) for r in pool if r.get("threads") == self.threads]
         every = [(r["sampler"]["steps"], r["wall_seconds"]) for r in pool]
-        line = sampling_line(here) or sampling_line(every)
+        line_here = sampling_line(here)
+        line = line_here or sampling_line(every)
         if line is None:
             return max(t * max(1, steps / s) for s, t in here or every)
         fixed, per_step, above = line
         at = lambda s: fixed + per_step * s
-        slower = 1 if sampling_line(here) else max([t / at(s) for s, t in here], default=1)
+        slower = 1 if line_here else max([t / at(s) for s, t in here], default=1)
         return slower * (at(steps) + above)
 
     def interrupt(self, message, wait=False):
@@ -431,6 +430,12 @@ def summary(row):
     metric = row["metrics"][PRIMARY]
     return (f"{row['variant']} seed {row['seed']}: {PRIMARY} {fmt(metric['samples'])} (floor {fmt(metric['floor'])}), "
             f"{row['wall_seconds']:.0f} s")
+
+
+def measured_first(rows):
+    """The rows whose CPU time was measured, where there are some, else all: rows from before the
+    runner measured it may have shared the cores with other work (some with the tests)."""
+    return [r for r in rows if r.get("process_cpu_seconds")] or rows
 
 
 def sampling_line(points):
