@@ -180,7 +180,7 @@ def configure(args, argv, latest_path, procs):
         args.preset = "default" if torch.device(procs.device).type == "cuda" else CPU_PRESET
         if args.preset != "default" and (args.fresh or not os.path.exists(latest_path)):
             procs.say(f"train.py: no CUDA GPU, so preset {CPU_PRESET} (the default's recipe at the width the CPU "
-                      f"study chose, ablations/cpu/REPORT.md); --preset default trains the 18.6M-parameter default")
+                      f"study chose, ablations/cpu/REPORT.md); --preset default trains the 20.0M-parameter default")
     overrides = list(args.set)
     if args.learning_rate is not None:
         overrides.append(f"learning_rate={args.learning_rate}")

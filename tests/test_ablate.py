@@ -103,8 +103,9 @@ def test_the_path_goes_from_the_seed_to_the_default_one_change_at_a_time():
     for before, after in zip(trained, trained[1:]):
         assert after.overrides[:len(before.overrides)] == before.overrides  # each row keeps the ones before it
         assert training_fields(study.config(after)) != training_fields(study.config(before)), after.name
-    assert training_fields(study.config(trained[-1])) == training_fields(make_config("default"))
-    assert path[-1].of == trained[-1].name and study.config(path[-1]) == make_config("default")
+    baseline = make_config("default", study.scale.pinned)  # the default as the study runs it
+    assert training_fields(study.config(trained[-1])) == training_fields(baseline)
+    assert path[-1].of == trained[-1].name and study.config(path[-1]) == baseline
 
 
 def test_the_cpu_path_goes_from_the_seeds_recipe_at_the_scales_width_to_its_baseline():
@@ -395,28 +396,30 @@ def test_a_switch_added_later_changes_no_hash_at_its_default():
     assert len(toy_rows.current) == 23 and not toy_rows.stale
 
 
-def test_revising_the_preset_leaves_the_study_rows_current_where_the_scale_pins_its_old_fields(tmp_path, monkeypatch):
-    """Issue 25 revises preset small by the study's findings. The cpu scale then pins the fields as its
-    rows ran them (Scale.pinned): every committed row stays current, the variants keep their names, and
-    train.py gets the pins before a variant's own --set. Without them the revision stales the rows.
-    (Once the study file pins fields of its own, this test adds its two to them.)"""
-    import config
+def test_revising_the_preset_leaves_the_study_rows_current_where_the_scale_pins_its_old_fields(tmp_path):
+    """Issue 25 revised presets default and small by the study's findings (no flips, strided-conv
+    down). The cpu scale pins those fields as its rows ran them (Scale.pinned): every committed row
+    stays current, the variants keep their names, the revised default is the preset itself, and
+    train.py gets the pins before a variant's own --set. Without the pins the revision stales the rows."""
     setup = Setup.of(load("cpu").scale)
     committed_rows = rows.read_rows(os.path.join(REPO, "ablations", "cpu"))  # once: a study chunk may be appending
     committed = lambda study: rows.Rows.of(study, setup, committed_rows)
-    before = committed(load("cpu"))
-    assert len(before.current) >= 59
-    monkeypatch.setitem(config.PRESETS, "small", {**config.PRESETS["small"], "hflip": False, "dropout": 0.0})
-    assert not committed(load("cpu")).current.get(("baseline", 2))  # unpinned: the baseline is another run now
-    text = open(os.path.join(REPO, report.STUDY)).read()
-    assert text.count("readme=True,") == 1 and "pinned=(" not in text  # the cpu scale's
-    (tmp_path / "study.py").write_text(text.replace("readme=True,", 'readme=True, pinned=("hflip=true", "dropout=0.1"),'))
-    study = plan.load_study(str(tmp_path / "study.py"), "cpu")
-    after = committed(study)
-    assert after.current.keys() == before.current.keys() and len(after.stale) == len(before.stale)
-    assert study.config(study.variant("hflip_off")) == make_config("small", ["dropout=0.1"])  # one field at a time
+    study = load("cpu")
+    pinned = committed(study)
+    assert len(pinned.current) >= 59 and ("baseline", 2) in pinned.current
+    assert study.scale.pinned == ("hflip=true", "down=maxpool") == load("gpu").scale.pinned
+    assert (make_config("small").hflip, make_config("small").down) == (False, "conv")  # the revision
+    assert study.config(study.variant("hflip_off")) == make_config("small", ["down=maxpool"])  # one field at a time
+    assert study.config(study.variant("revised_default")) == make_config("small")
     assert study.overrides(study.variant("path_C_optimiser")) == study.variant("path_C_optimiser").overrides  # on seed
-    assert report.change_of(study, study.variant("baseline")) == "preset small, with hflip=true, dropout=0.1 as the study ran it"
+    assert report.change_of(study, study.variant("baseline")) == "preset small, with hflip=true, down=maxpool as the study ran it"
+    text = open(os.path.join(REPO, report.STUDY)).read()
+    assert text.count("pinned=REVISED_FIELDS") == 2
+    (tmp_path / "study.py").write_text(text.replace("pinned=REVISED_FIELDS", "pinned=()")
+                                       .replace('revised=("hflip_off", "down_conv")', "revised=()"))
+    unpinned = plan.load_study(str(tmp_path / "study.py"), "cpu")
+    assert not committed(unpinned).current.get(("baseline", 2))  # unpinned: the baseline is another run now
+    assert "hflip_on" in [v.name for v in unpinned.variants]  # and the one-at-a-time changes are others
     # What train.py is given, and what the row says it ran.
     args = ablate.parse_args("run", ["--scale", "cpu", "--out", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "runs"),
                                      "--train_dataset_directory", str(tmp_path), "--validate_dataset_directory", str(tmp_path)])
@@ -428,8 +431,8 @@ def test_revising_the_preset_leaves_the_study_rows_current_where_the_scale_pins_
     runner.step = step
     row = runner.run_job(plan.Job(study.variant("norm_batch"), 0), (None, "cpu", 1))
     sets = [a for flag, a in zip(commands[0], commands[0][1:]) if flag == "--set"]
-    assert sets == row["overrides"] == ["hflip=true", "dropout=0.1", "norm=batch"]
-    assert row["config_hash"] == before.current["norm_batch", 0]["config_hash"]
+    assert sets == row["overrides"] == ["hflip=true", "down=maxpool", "norm=batch"]
+    assert row["config_hash"] == pinned.current["norm_batch", 0]["config_hash"]
 
 
 def test_a_row_cut_short_by_a_crash_costs_no_other_row(tmp_path, capsys):
@@ -1145,8 +1148,18 @@ def test_the_default_preset_section_changes_a_field_only_where_a_change_helps(tm
                                     "minutes of the machine, over the scale's limit of 15; the budget curve weighs a "
                                     "wider network by quality per minute |")
     assert "So far 6 of 36 changes have a ratio." in section
+    assert ("**The revision is not what the table says now**: `revised` in scale cpu of ablations/study.py takes "
+            "`hflip_off`, `down_conv`, the table `lr_x2` (6 of 36 changes measured). `revised_default` runs the first.") in section
+    source = open(os.path.join(REPO, report.STUDY)).read()
+    chosen = 'revised=("hflip_off", "down_conv"),'
+    assert source.count(chosen) == 1
+    unrevised = tmp_path / "unrevised" / "study.py"  # before the study file chose: the section says what to do
+    unrevised.parent.mkdir()
+    unrevised.write_text(source.replace(chosen, "revised=(),"))
+    os.symlink(tmp_path / "results.jsonl", unrevised.parent / "results.jsonl")
+    text = open(report.write_report(plan.load_study(str(unrevised), "cpu"), str(unrevised.parent), setup)).read()
     assert ("The table chooses `lr_x2` so far (6 of 36 changes measured): when it is complete, set `revised` in "
-            "scale cpu of ablations/study.py to what it chooses, and run `revised_default`.") in section
+            f"scale cpu of {os.path.relpath(unrevised, REPO)} to what it chooses, and run `revised_default`.") in text
     for flags in (["--only", "revised_default"], ["--group", "revised"]):  # it cannot run before then, and says why (gpu scale)
         with pytest.raises(UserError, match=f"{flags[0]} revised.*: cannot run yet: set revised in scale gpu"):
             planned(tmp_path, *flags)
@@ -1154,8 +1167,7 @@ def test_the_default_preset_section_changes_a_field_only_where_a_change_helps(tm
     # A study whose revision takes what helps: the revised default runs on the baseline's seeds, paired.
     path = tmp_path / "revised" / "study.py"
     path.parent.mkdir()
-    source = open(os.path.join(REPO, report.STUDY)).read()
-    path.write_text(source.replace("longer_budget=4,", 'longer_budget=4, revised=("lr_x2",),', 1))
+    path.write_text(source.replace(chosen, 'revised=("lr_x2",),'))
     study = plan.load_study(str(path), "cpu")
     revised = study.variant("revised_default")
     assert revised.seeds == (0, 1, 2, 3, 4) and revised.overrides == ("learning_rate=0.004",) and not revised.not_runnable
@@ -1179,12 +1191,12 @@ def test_the_default_preset_section_changes_a_field_only_where_a_change_helps(tm
     assert "**The revised default: the baseline with the changes the study chose** (ratios against the " \
            "baseline):" in matters and "| `revised_default`: the baseline with lr_x2 (learning_rate=0.004) | x0.80 [" in matters
     # Two changes that set one field to the same value make one change (Lin et al.'s fix takes the v target).
-    path.write_text(source.replace("longer_budget=4,", 'longer_budget=4, revised=("zero_terminal_snr", "target_v"),', 1))
+    path.write_text(source.replace(chosen, 'revised=("zero_terminal_snr", "target_v"),'))
     assert plan.load_study(str(path), "cpu").variant("revised_default").overrides == ("zero_terminal_snr=true", "target=v")
     # Two values of one field, or a name that is no one-at-a-time variant, fail when the study loads.
     for revised, message in ((('"lr_x2", "lr_x0.5"'), r"revised sets learning_rate twice: learning_rate=0.004 \(lr_x2\) "
                                                        r"and learning_rate=0.001 \(lr_x0.5\); keep one"),
                              ('"lr_x3",', "revised names lr_x3, not one-at-a-time variants")):
-        path.write_text(source.replace("longer_budget=4,", f"longer_budget=4, revised=({revised}),", 1))
+        path.write_text(source.replace(chosen, f"revised=({revised}),"))
         with pytest.raises(UserError, match=message):
             plan.load_study(str(path), "cpu")

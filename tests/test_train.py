@@ -363,7 +363,7 @@ def test_a_resumed_run_keeps_the_preset_it_was_started_with(tmp_path):
 
 def test_without_cuda_and_without_preset_it_trains_the_cpu_preset_and_says_so(tmp_path, capsys):
     """A newcomer's `bash train_UNet.sh` on a laptop trains preset small (the CPU study's network),
-    not the 18.6M-parameter default; an explicit --preset still wins, and so does a run folder's
+    not the 20.0M-parameter default; an explicit --preset still wins, and so does a run folder's
     own checkpoint (test above)."""
     from config import CPU_PRESET, make_config
     from train import Processes, configure, parse_args
