@@ -23,6 +23,7 @@ class Config:
     channels: tuple = (128, 256, 512, 1024)  # head width, then the width of each down level
     noise_cond: str = "none"        # none | film: the noise level, embedded, scales and shifts each ResBlock
     norm: str = "batch"             # batch | group | none
+    norm_groups: int = 0            # GroupNorm's groups in every layer; 0: gcd(32, the layer's width), DDPM's 32 where it divides
     act: str = "silu"               # silu | relu | gelu
     dropout: float = 0.1
     down: str = "maxpool"           # maxpool | conv (strided 3x3)
@@ -81,10 +82,11 @@ CHOICES = {
 # field existed. The study's config_hash leaves such a field out while it is at its default, so that
 # adding a switch does not make every finished row stale (ablations/rows.py). Add a new field here
 # only when its default changes nothing.
-NEUTRAL_AT_DEFAULT = ("arch", "zero_terminal_snr", "timestep_spacing")
+NEUTRAL_AT_DEFAULT = ("arch", "zero_terminal_snr", "timestep_spacing", "norm_groups")
 
 # Numeric fields: (lowest, highest, whether the bounds themselves are allowed).
 RANGES = {
+    "norm_groups": (0, None, "[)"),
     "dropout": (0.0, 1.0, "[)"),
     "learning_rate": (0.0, None, "()"),
     "weight_decay": (0.0, None, "[)"),

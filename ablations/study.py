@@ -277,7 +277,8 @@ def sampling_variants(b):
 # ---- peer: diffusers' UNet2DModel (DDPM's CIFAR-10 layout) at the baseline's widths -----------------
 
 def peer_variants():
-    """diffusers' own network, trained by our loop: with our recipe, and with the recipe of diffusers'
+    """diffusers' own network, trained by our loop: with our recipe; with our recipe and DDPM's group
+    size at the head instead of its group count (norm_groups=4); and with the recipe of diffusers'
     example train_unconditional.py as far as our fields reach (AdamW 1e-4, weight decay 1e-6, 500
     warm-up steps, cosine decay). Its EMA warms up (decay 1 - (1 + step)^-3/4, at most 0.9999) and its
     Adam has beta1 0.95, which our fields cannot say; the fixed ema_decay is the value its EMA reaches
@@ -287,6 +288,10 @@ def peer_variants():
     return [
         Variant("peer_diffusers_unet2d", "peer", overrides=layout,
                 note="diffusers' UNet2DModel, DDPM's CIFAR-10 layout, with our recipe"),
+        Variant("peer_diffusers_unet2d_groups_4", "peer", overrides=(*layout, "norm_groups=4"),
+                note="the same network with DDPM's 4 channels a group at the head (its 128 / 32): at 16 channels "
+                     "DDPM's 32 groups become 16 of 1, an instance norm just before the output, which erases each "
+                     "channel's mean (tools/loss_by_noise_level.py)"),
         Variant("peer_diffusers_unet2d_example_recipe", "peer",
                 overrides=(*layout, "learning_rate=0.0001", "weight_decay=1e-06", "warmup_steps=500",
                            "lr_schedule=cosine", "ema_decay=0.995"),

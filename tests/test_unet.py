@@ -1,6 +1,7 @@
 """Each network switch of config.py is checked for what it promises, in the modules it builds or in
 the output, so that a switch unet.py ignored would fail its test."""
 import itertools
+import math
 from collections import Counter
 
 import pytest
@@ -341,3 +342,50 @@ def test_arch_diffusers_refuses_what_unet2dmodel_cannot_do(overrides):
     from unet import make_network
     with pytest.raises(ConfigError, match="--set arch=diffusers: UNet2DModel is told the noise level and uses GroupNorm"):
         make_network(make_config("small", ["arch=diffusers", *overrides]))
+
+
+# ---- norm_groups: GroupNorm's number of groups ---------------------------------------------------
+
+def test_norm_groups_sets_every_groupnorm_and_defaults_to_gcd_32():
+    from unet import make_network
+    for arch in (["arch=ours"], ["arch=diffusers", "attention=(16,)"]):
+        default = make_network(make_config("small", arch))
+        groups = {(m.num_groups, m.num_channels) for m in default.modules() if isinstance(m, nn.GroupNorm)}
+        if arch == ["arch=ours"]:
+            assert all(g == math.gcd(32, c) for g, c in groups) and (16, 16) in groups
+        else:  # UNet2DModel takes one count for every layer: DDPM's 32 where the widths allow, here 16
+            assert {g for g, _ in groups} == {16} and (16, 16) in groups
+        four = make_network(make_config("small", [*arch, "norm_groups=4"]))
+        assert {m.num_groups for m in four.modules() if isinstance(m, nn.GroupNorm)} == {4}
+
+
+def test_unet2dmodel_at_width_16_erases_each_channels_mean_before_its_output_unless_groups_hold_several():
+    """At the head's 16 channels DDPM's group count leaves one channel a group: the norm before
+    UNet2DModel's last conv is then an instance norm, and a shift of any channel's mean before it
+    changes nothing (the peer's colour error, tools/loss_by_noise_level.py). With 4 groups it does."""
+    from unet import make_network
+    x, alpha_bar = torch.randn(2, 3, 32, 32), torch.full((2,), 0.3)
+    outputs = {}
+    for groups in ("0", "4"):
+        torch.manual_seed(0)
+        model = make_network(make_config("small", ["arch=diffusers", "attention=(16,)", f"norm_groups={groups}"])).eval()
+        shift = torch.randn(1, 16, 1, 1)
+        with torch.no_grad():
+            plain = model(x, alpha_bar)
+            handle = model.unet.conv_norm_out.register_forward_pre_hook(lambda mod, inp: (inp[0] + shift,))
+            shifted = model(x, alpha_bar)
+            handle.remove()
+        outputs[groups] = (shifted - plain).abs().max().item()
+    assert outputs["0"] < 1e-5 and outputs["4"] > 1e-2, outputs
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["norm_groups=3"], "--set norm_groups=3: every width of channels (16, 32, 64, 64) must be a multiple of it"),
+    (["norm=batch", "norm_groups=4"], "--set norm_groups=4: it sets GroupNorm's groups and norm is batch"),
+])
+def test_norm_groups_that_cannot_apply_are_one_line_errors(overrides, message):
+    from config import ConfigError
+    from unet import make_network
+    with pytest.raises(ConfigError) as error:
+        make_network(make_config("small", overrides))
+    assert str(error.value).startswith(message)
