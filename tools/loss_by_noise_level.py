@@ -55,8 +55,10 @@ def main(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more checkpoints (latest_model.pth)")
     parser.add_argument("--test_dir", default="images/test_images_downsample", help="default: %(default)s")
-    parser.add_argument("--num_images", type=positive_int, default=400, help="the first N test images (default: %(default)s)")
-    parser.add_argument("--steps", type=steps_of, default=STEPS, help="steps t of the linear schedule (default: %(default)s)")
+    parser.add_argument("--num_images", type=positive_int, default=400,
+                        help="the first N test images (default: %(default)s)")
+    parser.add_argument("--steps", type=steps_of, default=STEPS,
+                        help="steps t of the linear schedule (default: %(default)s)")
     parser.add_argument("--seed", type=random_seed, default=0, help="the noise's seed (default: %(default)s)")
     parser.add_argument("--no_ema", action="store_true", help="the raw weights instead of the EMA")
     parser.add_argument("--device", default="cpu", help="default: %(default)s")
@@ -77,7 +79,8 @@ def main(argv=None):
     print("\n| t | alpha_bar | " + " | ".join(f"{i}: error | {i}: colour" for i in range(1, len(models) + 1)) + " |")
     print("|" + "---:|" * (2 + 2 * len(models)))
     for t in args.steps:
-        cells = [f"{value:.5f}" for model, config in models for value in error_parts(model, config, images, eps, table[t])]
+        cells = [f"{value:.5f}" for model, config in models
+                 for value in error_parts(model, config, images, eps, table[t])]
         print(f"| {t} | {table[t].item():.2e} | " + " | ".join(cells) + " |", flush=True)
 
 
