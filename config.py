@@ -23,7 +23,7 @@ class Config:
     channels: tuple = (128, 256, 512, 1024)  # head width, then the width of each down level
     noise_cond: str = "none"        # none | film: the noise level, embedded, scales and shifts each ResBlock
     norm: str = "batch"             # batch | group | none
-    norm_groups: int = 0            # GroupNorm's groups in every layer; 0: gcd(32, the layer's width), DDPM's 32 where it divides
+    norm_groups: int = 0            # GroupNorm's groups, every layer; 0: gcd(32, width) (arch=diffusers: all widths)
     act: str = "silu"               # silu | relu | gelu
     dropout: float = 0.1
     down: str = "maxpool"           # maxpool | conv (strided 3x3)

@@ -70,8 +70,9 @@ def check_network(config, image_size):
         raise ConfigError(f"--set norm_groups={config.norm_groups}: it sets GroupNorm's groups and norm is "
                           f"{config.norm}; drop it or --set norm=group")
     if config.norm_groups and any(width % config.norm_groups for width in config.channels):
-        raise ConfigError(f"--set norm_groups={config.norm_groups}: every width of channels {config.channels} must "
-                          f"be a multiple of it; pick a divisor of {math.gcd(*config.channels)}, or 0 (gcd(32, width))")
+        raise ConfigError(f"--set norm_groups={config.norm_groups}: every width of channels {config.channels} "
+                          f"must be a multiple of it; pick a divisor of {math.gcd(*config.channels)}, or 0 "
+                          f"(DDPM's 32 where the widths allow)")
     if config.arch == "diffusers" and (config.noise_cond, config.norm) != ("film", "group"):
         # UNet2DModel is always told the noise level and always normalises by groups; its down, up, tail
         # and initialisation are its own, whatever those fields say (DiffusersUNet).
@@ -252,8 +253,8 @@ class DiffusersUNet(nn.Module):
         attention = [image_size >> level in config.attention for level in range(len(config.channels))]
         self.unet = UNet2DModel(  # google/ddpm-cifar10-32's settings, at config.channels' widths
             sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=config.channels,
-            layers_per_block=2, norm_num_groups=config.norm_groups or math.gcd(32, *config.channels), norm_eps=1e-6,
-            dropout=config.dropout,
+            layers_per_block=2, dropout=config.dropout, norm_eps=1e-6,
+            norm_num_groups=config.norm_groups or math.gcd(32, *config.channels),
             act_fn=config.act, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)))

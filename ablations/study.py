@@ -276,22 +276,28 @@ def sampling_variants(b):
 
 # ---- peer: diffusers' UNet2DModel (DDPM's CIFAR-10 layout) at the baseline's widths -----------------
 
-def peer_variants():
+def peer_variants(b):
     """diffusers' own network, trained by our loop: with our recipe; with our recipe and DDPM's group
-    size at the head instead of its group count (norm_groups=4); and with the recipe of diffusers'
-    example train_unconditional.py as far as our fields reach (AdamW 1e-4, weight decay 1e-6, 500
-    warm-up steps, cosine decay). Its EMA warms up (decay 1 - (1 + step)^-3/4, at most 0.9999) and its
-    Adam has beta1 0.95, which our fields cannot say; the fixed ema_decay is the value its EMA reaches
-    near the end of a cpu-scale run (0.995 at step 1,172; at the gpu scale's 2,174 steps it would be
-    0.997, so there the row is a little further from the example's)."""
+    size at the head instead of its group count; and with the recipe of diffusers' example
+    train_unconditional.py as far as our fields reach (AdamW 1e-4, weight decay 1e-6, 500 warm-up
+    steps, cosine decay). Its EMA warms up (decay 1 - (1 + step)^-3/4, at most 0.9999) and its Adam has
+    beta1 0.95, which our fields cannot say; the fixed ema_decay is the value its EMA reaches near the
+    end of a cpu-scale run (0.995 at step 1,172; at the gpu scale's 2,174 steps it would be 0.997, so
+    there the row is a little further from the example's).
+
+    DDPM normalises 128 channels in 32 groups, 4 channels a group at the head. UNet2DModel takes one
+    group count for every layer; gcd(32, widths) keeps DDPM's 32 where the widths allow, and at the
+    cpu scale's head of 16 channels leaves groups of 1, an instance norm just before its output, which
+    erases each channel's mean (README, "Why the peer draws tinted colours"). groups_of_4 keeps DDPM's
+    group size at the head instead; the deeper layers then have larger groups than DDPM's (at the
+    cpu scale 4, 8, 16, 16 channels a group, DDPM's 4, 8, 8, 8)."""
     layout = ("arch=diffusers", "attention=(16,)")
     return [
         Variant("peer_diffusers_unet2d", "peer", overrides=layout,
                 note="diffusers' UNet2DModel, DDPM's CIFAR-10 layout, with our recipe"),
-        Variant("peer_diffusers_unet2d_groups_4", "peer", overrides=(*layout, "norm_groups=4"),
-                note="the same network with DDPM's 4 channels a group at the head (its 128 / 32): at 16 channels "
-                     "DDPM's 32 groups become 16 of 1, an instance norm just before the output, which erases each "
-                     "channel's mean (tools/loss_by_noise_level.py)"),
+        Variant("peer_diffusers_unet2d_groups_of_4", "peer", overrides=(*layout, f"norm_groups={b.channels[0] // 4}"),
+                note="the same network with DDPM's 4 channels a GroupNorm group at the head, as its 128 channels in "
+                     "32 groups, instead of gcd(32, widths) groups (1 channel each at a head of 16)"),
         Variant("peer_diffusers_unet2d_example_recipe", "peer",
                 overrides=(*layout, "learning_rate=0.0001", "weight_decay=1e-06", "warmup_steps=500",
                            "lr_schedule=cosine", "ema_decay=0.995"),
@@ -454,7 +460,7 @@ def variants(scale):
         *tuning_variants(scale),
         *one_at_a_time,
         *sampling_variants(b),
-        *peer_variants(),
+        *peer_variants(b),
         *revised_variants(scale, one_at_a_time),
         *[Variant(f"evaluation_noise_{k}", "evaluation_noise", of="baseline", seeds=(0,),
                   eval_seed=scale.evaluation_seed + k, note=f"baseline seed 0, starting noise {scale.evaluation_seed + k}")

@@ -140,8 +140,13 @@ def test_the_study_has_what_the_issue_lists():
     assert {"noise_cond_none", "norm_batch", "norm_batch_batch_stats", "attention_16_8", "width_half", "width_double",
             "target_v", "lr_x0.5", "lr_x2", "ema_0.9999", "batch_128", "batch_460", "baseline_ddpm_1000",
             "noise_cond_none_dpm_10", "baseline_clamp_off"} <= names
-    peers = [study.config(v) for v in study.variants if v.group == "peer"]
-    assert len(peers) == 2 and all(c.arch == "diffusers" and c.attention == (16,) for c in peers)
+    peers = {v.name: study.config(v) for v in study.variants if v.group == "peer"}
+    assert set(peers) == {"peer_diffusers_unet2d", "peer_diffusers_unet2d_groups_of_4",
+                          "peer_diffusers_unet2d_example_recipe"}
+    assert all(c.arch == "diffusers" and c.attention == (16,) for c in peers.values())
+    for scale in (study, load("cpu")):  # DDPM's group size at the head, 4 channels, whatever the scale's width
+        config = scale.config(scale.variant("peer_diffusers_unet2d_groups_of_4"))
+        assert config.channels[0] // config.norm_groups == 4 and config.norm_groups != math.gcd(32, *config.channels)
     # Every variant can run, but the revised default, until the study chooses its changes (issue 25).
     assert [v.name for v in study.variants if v.not_runnable] == ["revised_default"]
     lin = study.config(study.variant("zero_terminal_snr"))  # all three parts of Lin et al.'s fix at once
@@ -376,8 +381,8 @@ def fake_row(study, setup, name, seed, fd, status="ok", **fields):
 
 
 def test_a_switch_added_later_changes_no_hash_at_its_default():
-    """Rows written before arch, zero_terminal_snr and timestep_spacing existed stay current
-    (config.NEUTRAL_AT_DEFAULT); a variant that sets one of them is another variant."""
+    """Rows written before arch, zero_terminal_snr, timestep_spacing and norm_groups existed stay
+    current (config.NEUTRAL_AT_DEFAULT); a variant that sets one of them is another variant."""
     from config import NEUTRAL_AT_DEFAULT
     study = load("cpu")
     baseline = study.variant("baseline")
@@ -386,7 +391,7 @@ def test_a_switch_added_later_changes_no_hash_at_its_default():
         del before[name]
     assert rows.config_hash(study, baseline) == rows.digest(
         {"preset": study.preset(baseline), "config": before, "of": None, "eval_seed": None})
-    for setting in ("arch=diffusers", "zero_terminal_snr=true", "timestep_spacing=trailing"):
+    for setting in ("arch=diffusers", "zero_terminal_snr=true", "timestep_spacing=trailing", "norm_groups=4"):
         other = dataclasses.replace(baseline, overrides=(setting,))
         assert rows.config_hash(study, other) != rows.config_hash(study, baseline), setting
     # The toy study's committed rows ran before any of these switches: a switch added later without

@@ -58,8 +58,8 @@ def test_config_round_trips_through_a_plain_dict(preset):
 # Every switch is read in one module (config.py's promise). A Config is always called `config`
 # (or `self.config`), so reads are the attributes of such a name.
 OWNERS = {
-    "unet.py": ["arch", "channels", "noise_cond", "norm", "norm_groups", "act", "dropout", "down", "up", "attention", "tail",
-                "bn_sampling_stats", "zero_init"],
+    "unet.py": ["arch", "channels", "noise_cond", "norm", "norm_groups", "act", "dropout", "down", "up", "attention",
+                "tail", "bn_sampling_stats", "zero_init"],
     "dataset.py": ["data_range", "hflip"],
     "diffusion.py": ["noise_sampling", "target", "loss_weighting", "sampler", "sampling_steps", "sampling_schedule",
                      "eta", "clamp_x0", "zero_terminal_snr", "timestep_spacing"],

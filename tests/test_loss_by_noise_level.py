@@ -65,8 +65,8 @@ def test_it_prints_one_row_a_step_for_every_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "0,1000"], "--steps 0,1000: each step t must be in 0..999"),
-    (["--steps", "a"], "--steps a: write steps t as integers separated by commas"),
+    (["--steps", "0,1000"], "argument --steps: 0,1000: each step t must be in 0..999"),
+    (["--steps", "a"], "argument --steps: a: write steps t as integers separated by commas"),
     (["--test_dir", "no_such_folder"], "--test_dir: "),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, args, message):

@@ -368,7 +368,8 @@ def test_unet2dmodel_at_width_16_erases_each_channels_mean_before_its_output_unl
     outputs = {}
     for groups in ("0", "4"):
         torch.manual_seed(0)
-        model = make_network(make_config("small", ["arch=diffusers", "attention=(16,)", f"norm_groups={groups}"])).eval()
+        config = make_config("small", ["arch=diffusers", "attention=(16,)", f"norm_groups={groups}"])
+        model = make_network(config).eval()
         shift = torch.randn(1, 16, 1, 1)
         with torch.no_grad():
             plain = model(x, alpha_bar)

@@ -10,6 +10,7 @@ error = colour + the rest. fp32, the EMA weights unless --no_ema.
 
     python tools/loss_by_noise_level.py --checkpoint RUN_A/latest_model.pth RUN_B/latest_model.pth
 """
+import argparse
 import os
 import sys
 
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from checkpoint import load_for_sampling  # noqa: E402
-from cli import ArgumentParser, UserError, pick_device, positive_int, random_seed, run_main  # noqa: E402
+from cli import ArgumentParser, pick_device, positive_int, random_seed, run_main  # noqa: E402
 from dataset import DatasetError, load_image_folder, normalise  # noqa: E402
 from diffusion import NUM_TRAIN_TIMESTEPS, add_noise, linear_alpha_bar, x0_and_eps_of  # noqa: E402
 
@@ -26,13 +27,14 @@ STEPS = "0,50,100,200,300,400,500,600,700,800,900,999"
 
 
 def steps_of(text):
-    """--steps: comma-separated steps t of the linear schedule, each in 0..999."""
+    """argparse type for --steps: comma-separated steps t of the linear schedule, each in 0..999."""
     try:
         steps = [int(part) for part in text.split(",")]
     except ValueError:
-        raise UserError(f"--steps {text}: write steps t as integers separated by commas, such as {STEPS}") from None
-    if not steps or any(not 0 <= t < NUM_TRAIN_TIMESTEPS for t in steps):
-        raise UserError(f"--steps {text}: each step t must be in 0..{NUM_TRAIN_TIMESTEPS - 1}")
+        raise argparse.ArgumentTypeError(f"{text}: write steps t as integers separated by commas, such as "
+                                         f"{STEPS}") from None
+    if any(not 0 <= t < NUM_TRAIN_TIMESTEPS for t in steps):
+        raise argparse.ArgumentTypeError(f"{text}: each step t must be in 0..{NUM_TRAIN_TIMESTEPS - 1}")
     return steps
 
 
