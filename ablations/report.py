@@ -39,9 +39,11 @@ def write_report(study, folder, setup):
     curve = current_points(study, setup, read_rows(folder, "curve.jsonl"))
     plots = os.path.join(folder, "plots")
     default_study = os.path.realpath(study.path) == os.path.realpath(os.path.join(REPO, STUDY))
+    out = os.path.relpath(os.path.abspath(folder), REPO)  # a folder of the repository other than the scale's own
     flags = ([] if default_study else ["--study", study.path]) + \
         (["--scale", scale.name] if scale.name != "gpu" else []) + \
-        (["--budget_kimg", f"{setup.budget_kimg:g}"] if setup.budget_kimg != scale.budget_kimg else [])
+        (["--budget_kimg", f"{setup.budget_kimg:g}"] if setup.budget_kimg != scale.budget_kimg else []) + \
+        (["--out", out] if out != scale.folder and not out.startswith("..") else [])
 
     def command(*words, script="bash ablate.sh"):  # a subcommand (curve, report) first, then the scale's flags
         sub = list(words[:1]) if words and not words[0].startswith("--") else []

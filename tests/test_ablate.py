@@ -699,8 +699,8 @@ def test_the_committed_report_is_what_its_rows_give(tmp_path, scale):
     study = load(scale)
     folder = os.path.join(REPO, study.scale.folder)
     for name in os.listdir(folder):
-        if name.endswith(".jsonl") or name == "grids":
-            (shutil.copytree if name == "grids" else shutil.copy)(os.path.join(folder, name), tmp_path / name)
+        if name.endswith(".jsonl") or name == "grids" or name.startswith("budget_"):  # budget_4x: a longer budget's rows
+            (shutil.copy if name.endswith(".jsonl") else shutil.copytree)(os.path.join(folder, name), tmp_path / name)
     written = report.write_report(study, str(tmp_path), Setup.of(study.scale))
     assert open(written).read() == open(os.path.join(folder, "REPORT.md")).read()
 
@@ -1087,6 +1087,21 @@ def test_the_literature_expects_of_a_sampler_what_the_published_fids_say_against
     module = util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.published_fid("ddim", 30) == (6.84, 20) and module.published_fid("dpm", 5) == (None, None)
+
+
+def test_a_report_in_another_folder_of_the_repository_reproduces_itself_there(tmp_path, monkeypatch):
+    """The longer budget's rows live in ablations/cpu/budget_4x: its report's commands name that folder,
+    so that rerunning them neither trains into nor rewrites the study's own ablations/cpu."""
+    study = load("cpu")
+    monkeypatch.setattr(report, "REPO", str(tmp_path))
+    folder = tmp_path / "ablations" / "cpu" / "budget_4x"
+    folder.mkdir(parents=True)
+    setup = Setup.of(study.scale, budget_kimg=ablate.positive_float("300"))
+    text = open(report.write_report(study, str(folder), setup)).read()
+    reproduce = next(line for line in text.splitlines() if line.startswith("- Reproduce: `bash ablate.sh "))
+    assert reproduce.count("--scale cpu --budget_kimg 300 --out ablations/cpu/budget_4x`") == 2  # runs, then report
+    own = tmp_path / "ablations" / "cpu"
+    assert "--out" not in open(report.write_report(study, str(own), Setup.of(study.scale))).read().split("## ")[0]
 
 
 def test_the_longer_budget_checks_the_largest_effects_on_seed_0_and_says_whether_the_ranking_holds(tmp_path):
