@@ -93,6 +93,14 @@ def load_image_folder(directory, skip_bad_images=False, cache=True):
     return torch.from_numpy(images)
 
 
+def load_folder(path, flag, skip_bad_images=False):
+    """load_image_folder for a command-line flag: its errors name the flag."""
+    try:
+        return load_image_folder(path, skip_bad_images=skip_bad_images)
+    except DatasetError as e:
+        raise DatasetError(f"{flag}: {e}") from None
+
+
 def decode_images(paths, skip_bad_images):
     """The images as a uint8 array N x 3 x 32 x 32, and the names of the undecodable files skipped."""
     images, skipped = [], []

@@ -134,13 +134,18 @@ def training_loss(model, x0, eps, alpha_bar, config):
     return (loss_weight(config, alpha_bar) * squared_error).mean()
 
 
+def eps_error(model, x0, eps, alpha_bar, config):
+    """The error of the eps that the network's output implies, whatever its target, image by image:
+    eps_hat - eps for the images noised to the given levels."""
+    x_t = add_noise(x0, eps, alpha_bar)
+    _, eps_hat = x0_and_eps_of(config, model(x_t, alpha_bar).float(), x_t, alpha_bar)
+    return eps_hat - eps
+
+
 def validation_loss(model, x0, eps, alpha_bar, config):
     """Mean squared error of the implied eps on fixed (image, noise, noise level) triples. Measured
     in eps whatever the target, so runs with different targets are compared on one scale."""
-    x_t = add_noise(x0, eps, alpha_bar)
-    prediction = model(x_t, alpha_bar).float()
-    _, eps_hat = x0_and_eps_of(config, prediction, x_t, alpha_bar)
-    return (eps_hat - eps).square().mean()
+    return eps_error(model, x0, eps, alpha_bar, config).square().mean()
 
 
 # ---- sampling, through diffusers' schedulers -----------------------------------------------------

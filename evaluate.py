@@ -101,7 +101,7 @@ from checkpoint import sampling_checkpoint
 from cli import (ArgumentParser, UserError, atomic_write, make_folder, output_file, pick_device, positive_int,
                  random_seed, run_main, sha256_of)
 from config import config_to_dict
-from dataset import DatasetError, load_image_folder
+from dataset import load_folder, load_image_folder
 from diffusion import sampler_settings
 from generate import add_sampler_arguments, generate_images, load_model, sampling_plan, save_grid
 
@@ -872,13 +872,6 @@ def memorisation(nearest, threshold):
 
 
 # ---- input and output --------------------------------------------------------------------------
-
-def load_folder(path, flag, skip_bad_images=False):
-    try:
-        return load_image_folder(path, skip_bad_images=skip_bad_images)
-    except DatasetError as e:
-        raise DatasetError(f"{flag}: {e}") from None
-
 
 ROWS = [  # key, label, format
     ("fid", "FID", ".2f"),

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 
 from checkpoint import load_for_sampling  # noqa: E402
 from cli import ArgumentParser, pick_device, positive_int, random_seed, run_main  # noqa: E402
-from dataset import DatasetError, load_image_folder, normalise  # noqa: E402
-from diffusion import NUM_TRAIN_TIMESTEPS, add_noise, linear_alpha_bar, x0_and_eps_of  # noqa: E402
+from dataset import load_folder, normalise  # noqa: E402
+from diffusion import NUM_TRAIN_TIMESTEPS, eps_error, linear_alpha_bar  # noqa: E402
 
 STEPS = "0,50,100,200,300,400,500,600,700,800,900,999"
 
@@ -43,11 +43,8 @@ def error_parts(model, config, images, eps, alpha_bar, batch_size=200):
     """(mean squared error of the implied eps, its colour part) over the images at one level."""
     total = colour = 0.0
     for start in range(0, len(images), batch_size):
-        x0, noise = normalise(images[start:start + batch_size], config), eps[start:start + batch_size]
-        a = alpha_bar.expand(len(x0))
-        x_t = add_noise(x0, noise, a)
-        _, eps_hat = x0_and_eps_of(config, model(x_t, a).float(), x_t, a)
-        error = eps_hat - noise
+        x0 = normalise(images[start:start + batch_size], config)
+        error = eps_error(model, x0, eps[start:start + batch_size], alpha_bar.expand(len(x0)), config)
         total += error.square().mean(dim=(1, 2, 3)).sum().item()
         colour += error.mean(dim=(2, 3)).square().mean(dim=1).sum().item()
     return total / len(images), colour / len(images)
@@ -65,10 +62,7 @@ def main(argv=None):
     parser.add_argument("--no_ema", action="store_true", help="the raw weights instead of the EMA")
     parser.add_argument("--device", default="cpu", help="default: %(default)s")
     args = parser.parse_args(argv)
-    try:
-        images = load_image_folder(args.test_dir)[:args.num_images]
-    except DatasetError as e:
-        raise DatasetError(f"--test_dir: {e}") from None
+    images = load_folder(args.test_dir, "--test_dir")[:args.num_images]
     device = pick_device(args.device)
     models = [load_for_sampling(path, device, use_ema=not args.no_ema) for path in args.checkpoint]
     images = images.to(device)
