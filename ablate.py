@@ -4,7 +4,7 @@ the rows.
 
     bash ablate.sh                                    # the whole study on this machine's GPU
     bash ablate.sh --group baseline                   # one chunk; --only NAME,NAME picks variants
-    bash ablate.sh --deadline_minutes 12              # start no run that cannot end in 12 minutes
+    bash ablate.sh --deadline_minutes 12              # stop in 12 minutes: no run starts that cannot end
     bash ablate.sh --gpus 0,1,2,3                     # one worker per GPU
     bash ablate.sh --shard 3/8                        # the third eighth of the runs (a SLURM array task)
     bash ablate.sh --scale cpu                        # the CPU study: preset small, on 2 CPU cores
@@ -82,7 +82,9 @@ def parse_args(command, argv):
     p.add_argument("--seeds", type=comma_list(random_seed),
                    help="seeds for every chosen variant (default: each variant's own, the pairs of the design)")
     p.add_argument("--deadline_minutes", type=positive_float,
-                   help="start no run that cannot finish within this many minutes, then write the report")
+                   help="start no trained run that cannot finish within this many minutes, then write the report; "
+                        "re-evaluations start until then, and one still sampling then stops, its finished batches "
+                        "of samples kept for a rerun to continue")
     p.add_argument("--shard", type=shard, default=(1, 1), metavar="I/K", help="run the I-th of K parts (1-based)")
     p.add_argument("--retry_failed", action="store_true", help="run the variants whose row says failed again")
     p.add_argument("--retrain_missing", action="store_true",

@@ -179,6 +179,15 @@ def sha256_of(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def source_sha256(*names):
+    """One sha256 over these files of the repository, in order: the code behind a cached result."""
+    digest = hashlib.sha256()
+    for name in names:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
 def write_sha256(path):
     """path + ".sha256", in sha256sum's format (`sha256sum -c` checks it)."""
     with atomic_write(path + ".sha256", "w") as f:

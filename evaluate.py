@@ -28,6 +28,12 @@ numbers, to the bit, as a fresh one.
 PNG. Image i of a --seed has its own random stream (generate.image_generators), so every variant's
 grid starts from the same noise, whatever --num_samples.
 
+--resume_dir DIR keeps each finished batch of samples in DIR (generate.KeptBatches), so that a
+stopped evaluation continues where it stopped: a rerun reads back the batches of the same checkpoint
+file, configuration, sampler, --seed, batch size and precision, samples the others, and removes
+them all once the metrics are computed. The report's samples.resumed says how many batches were
+read back and what sampling them took.
+
 - FID (Heusel et al. 2017) and KID (Binkowski et al. 2018, x1e3) on Inception-v3 pool features,
   through torchmetrics and torch-fidelity, with the images resized to 299x299 as TensorFlow's FID
   code does. They need the FID Inception weights in models/pt_inception-2015-12-05-6726825d.pth
@@ -99,11 +105,11 @@ from tqdm import tqdm
 import attribute_net
 from checkpoint import sampling_checkpoint
 from cli import (ArgumentParser, UserError, atomic_write, make_folder, output_file, pick_device, positive_int,
-                 random_seed, run_main, sha256_of)
+                 random_seed, run_main, sha256_of, source_sha256)
 from config import config_to_dict
 from dataset import load_folder, load_image_folder
 from diffusion import sampler_settings
-from generate import add_sampler_arguments, generate_images, load_model, sampling_plan, save_grid
+from generate import KeptBatches, add_sampler_arguments, generate_images, load_model, sampling_plan, save_grid
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # The TensorFlow FID Inception weights as converted by pytorch-fid; torch-fidelity's
@@ -121,14 +127,6 @@ CACHE_DIR = os.path.join("checkpoints", "evaluation_cache")
 REAL_STATISTICS_VERSION = 2
 # The code that computes the real side, hashed into the cache's key too: an edit that forgets to
 # bump REAL_STATISTICS_VERSION still never reads numbers that the old code computed.
-def source_sha256(*names):
-    digest = hashlib.sha256()
-    for name in names:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
-            digest.update(f.read())
-    return digest.hexdigest()
-
-
 CODE_SHA256 = source_sha256("evaluate.py", "attribute_net.py")
 
 
@@ -167,6 +165,11 @@ def parse_args(argv=None):
     parser.add_argument("--grid_size", type=grid_size, default="8x4", metavar="NxM",
                         help="the --grid's columns x rows (default 8x4)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
+    parser.add_argument("--resume_dir",
+                        help="keep each finished batch of samples in this folder, and read back the ones an earlier "
+                             "stopped run of the same checkpoint file, sampler, seed, batch size and precision left "
+                             "there: hours of sampling (DDPM at 1000 steps on a CPU) survive a stop. The batches are "
+                             "removed once the metrics are computed")
     parser.add_argument("--cache_dir", default=CACHE_DIR,
                         help="where the real-data statistics are kept between evaluations (see the docstring)")
     parser.add_argument("--no_cache", action="store_true",
@@ -200,6 +203,9 @@ def run(args):
         args.checkpoint = sampling_checkpoint(args.checkpoint)
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise UserError(f"--checkpoint {args.checkpoint}: no such file")
+    if args.resume_dir and args.image_dir:
+        raise UserError(f"--resume_dir {args.resume_dir}: it keeps the batches sampled from --checkpoint; "
+                        f"--image_dir's images are read whole, drop one of the two flags")
     if args.output_json:
         output_file(args.output_json, "--output_json")
     if args.grid:
@@ -208,6 +214,7 @@ def run(args):
             raise UserError(f"--grid {args.grid} exists: pass --overwrite to replace it, or another --grid")
     cache_dir = None if args.no_cache else usable_cache_dir(args.cache_dir)
     device = pick_device(args.device)
+    keep = None
     notes = []
     inception_path = find_inception_weights(args.inception_weights, download=not args.no_download)
     inception = load_inception(inception_path, device) if inception_path else None
@@ -236,9 +243,14 @@ def run(args):
         model, config = load_model(args, device)
         plan = sampling_plan(args, config, device, n)
         print(f"sampling in {plan.describe()}")
+        if args.resume_dir:
+            keep = KeptBatches(args.resume_dir, checkpoint_sha256=sha256_of(args.checkpoint),
+                               config=config_to_dict(config), seed=args.seed, ema=not args.no_ema)
         samples = generate_images(model, config, n, seed=args.seed, batch_size=args.batch_size, device=device,
-                                  progress=True, compile=args.compile, plan=plan)
+                                  progress=True, compile=args.compile, plan=plan, keep=keep)
         report["samples"] = {"checkpoint": args.checkpoint, "images": n}
+        if keep is not None:  # the earlier runs' share of the sampling, and what it took them
+            report["samples"]["resumed"] = {k: round(v, 1) for k, v in keep.read.items()}
         report["sampler"] = {**sampler_settings(config), "seed": args.seed, "batch_size": args.batch_size,
                              "ema": not args.no_ema, "precision": plan.precision, "layout": plan.layout}
         report["config"] = config_to_dict(config)
@@ -278,6 +290,8 @@ def run(args):
         report["attributes"]["weights"] = {"path": args.attribute_net,
                                            "sha256": sha256_of(args.attribute_net)}
     report["notes"] = notes
+    if keep is not None:
+        keep.remove()
     return report
 
 

@@ -9,21 +9,26 @@ Unset sampler flags take the values saved in the checkpoint's configuration.
 import argparse
 import contextlib
 import hashlib
+import json
 import math
 import os
+import shutil
+import sys
+import time
 
 import torch
 from tqdm import tqdm
 
 from checkpoint import load_for_sampling, sampling_checkpoint
 from cli import (ArgumentParser, UserError, atomic_write, compile_cache_dir, make_folder,
-                 parse_bool, pick_device, positive_int, random_seed, run_main)
+                 parse_bool, pick_device, positive_int, random_seed, run_main, source_sha256)
 from config import CHOICES, ConfigError, parse_value
 from dataset import to_uint8
 from diffusion import make_scheduler, sample, sampler_name
 from speed import CompileLedger, choose_plan, compile_plan, cpp_compiler, sampling_batch
 
 COMPILE_FROM = 2000  # fewer images do not repay compiling (about a minute)
+SAMPLING_CODE = ("diffusion.py", "unet.py")  # the samplers and the network: part of KeptBatches's key
 
 
 def add_sampler_arguments(parser):
@@ -81,12 +86,14 @@ def sampling_plan(args, config, device, num_images):
 
 
 def generate_images(model, config, num_images, seed=0, batch_size=None, device="cpu", progress=True, compile="off",
-                    plan=None):
+                    plan=None, keep=None):
     """num_images samples with the configuration's sampler, as a uint8 tensor N x 3 x 32 x 32 on
     the CPU. Image i comes from its own random stream (image_generators), so the same seed gives
     the same images whatever the batch size, and more images extend fewer. The network runs in
     the plan's precision and layout (default: speed.choose_plan's auto). Every batch is sampled whole,
-    the last one too (and cut), so a compiled network sees one shape."""
+    the last one too (and cut), so a compiled network sees one shape. keep (KeptBatches): each
+    finished batch is saved there, and a batch saved by an earlier run of the same key is read back
+    instead of sampled."""
     device = torch.device(device)
     batch_size = min(batch_size or sampling_batch(device), num_images)
     plan = plan or choose_plan("auto", config, device, batch_size, kind="sample")
@@ -100,16 +107,83 @@ def generate_images(model, config, num_images, seed=0, batch_size=None, device="
         if device.type == "cpu" and cpp_compiler() is None:
             raise UserError("--compile on --device cpu: inductor's CPU backend needs a C++ compiler (g++ or clang++) "
                             "and none is on PATH; install one or pass --compile off")
+    if keep is not None:
+        keep.open(batch_size=batch_size, precision=plan.precision, layout=plan.layout, compiled=compiled)
     network = ledger.timing(torch.compile(model, dynamic=False) if compiled else model, "whole" if compiled else "off")
     images = []
     with tqdm(total=num_images, desc="sampling", unit="img", disable=not progress) as bar:
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
-            x = sample(network, config, batch_size, generator=image_generators(seed, start, batch_size), device=device,
-                       progress=progress, autocast_dtype=plan.autocast_dtype)
-            images.append(to_uint8(x[:n], config).cpu())
+            batch = keep.get(start, batch_size) if keep is not None else None
+            if batch is None:
+                wall, cpu = time.perf_counter(), time.process_time()
+                x = sample(network, config, batch_size, generator=image_generators(seed, start, batch_size),
+                           device=device, progress=progress, autocast_dtype=plan.autocast_dtype)
+                batch = to_uint8(x, config).cpu()
+                if keep is not None:
+                    keep.put(start, batch, time.perf_counter() - wall, time.process_time() - cpu)
+            images.append(batch[:n])
             bar.update(n)
+    if keep is not None and keep.read["batches"] and progress:
+        print(f"read {keep.read['batches']} batches back from {keep.dir} (sampled there in "
+              f"{keep.read['wall_seconds']:.0f} s); sampled the other {math.ceil(num_images / batch_size) - keep.read['batches']}")
     return torch.cat(images)
+
+
+class KeptBatches:
+    """generate_images's finished batches, one file each, so that a stopped run (Ctrl-C, a session's
+    end) continues where it stopped with the same images: <folder>/<the key's hash>/batch_<first
+    image>.pt holds the batch's images, whole (uint8), and the seconds it took. The key is all that
+    fixes the images, so a batch of another key is never read: the caller gives the checkpoint's
+    sha256, the configuration and the seed; generate_images adds the batch size, the precision, the
+    layout and compile; and the key always holds the sha256 of the code every sample goes through
+    (SAMPLING_CODE) and torch's version. read: the batches read back and the seconds (wall, CPU)
+    they had taken."""
+
+    def __init__(self, folder, **key):
+        code = source_sha256(*SAMPLING_CODE)
+        self.folder, self.key, self.dir = folder, {**key, "code_sha256": code, "torch": torch.__version__}, None
+        self.read = {"batches": 0, "wall_seconds": 0.0, "cpu_seconds": 0.0}
+
+    def open(self, **more):
+        self.key.update(more)
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        self.dir = make_folder(os.path.join(self.folder, digest), "--resume_dir")
+        with atomic_write(os.path.join(self.dir, "key.json"), "w") as f:
+            json.dump(self.key, f, indent=1, sort_keys=True)
+
+    def path(self, start):
+        return os.path.join(self.dir, f"batch_{start:07d}.pt")
+
+    def get(self, start, batch_size):
+        """The batch of images start .. start + batch_size - 1, or None where none was kept (or its
+        file cannot be read: one warning line, and it is sampled again)."""
+        path = self.path(start)
+        if not os.path.exists(path):
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            images = saved["images"]
+            if images.dtype != torch.uint8 or tuple(images.shape) != (batch_size, 3, 32, 32):
+                raise ValueError(f"{images.dtype} {tuple(images.shape)}")
+        except Exception as e:  # truncated, garbage, or not ours: sample it again
+            print(f"warning: {path}: cannot read it ({type(e).__name__}); sampling that batch again", file=sys.stderr)
+            return None
+        self.read["batches"] += 1
+        self.read["wall_seconds"] += float(saved["wall_seconds"])
+        self.read["cpu_seconds"] += float(saved["cpu_seconds"])
+        return images
+
+    def put(self, start, images, wall_seconds, cpu_seconds):
+        with atomic_write(self.path(start)) as f:
+            torch.save({"images": images, "wall_seconds": wall_seconds, "cpu_seconds": cpu_seconds}, f)
+
+    def remove(self):
+        """Once the images are used: their folder, and the parent folder if nothing else is left in it."""
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.folder)
 
 
 def sampling_compile(compile, config, num_images, batch_size, device, plan, ledger):

@@ -9,7 +9,9 @@ of its samples, --grid_size of the scale). A re-evaluation runs evaluate.py only
 
 Only a failure of train.py or evaluate.py becomes a row with status "failed" and the step's last
 error line. A bug of the runner itself stops the study with its traceback, and Ctrl-C or SIGTERM
-stops it with no row for the runs under way: a rerun does them.
+stops it with no row for the runs under way: a rerun does them. evaluate.py keeps each finished batch
+of samples in <run_dir>/samples_<variant>/ (--resume_dir), so a rerun of a stopped evaluation
+continues where it stopped, and its row counts the kept batches' time in its wall and CPU seconds.
 """
 import concurrent.futures
 import contextlib
@@ -86,7 +88,8 @@ class Runner:
         self.threads = None  # each run's CPU threads, once run() has its slots
         self.lock = threading.Condition()  # guards the plan, the children and the results file
         self.stop = threading.Event()
-        self.children = set()
+        self.children = {}  # each step under way: whether it resumes (a re-evaluation's evaluate.py)
+        self.stopped = []   # the re-evaluations the deadline stopped
         self.local = threading.local()     # the run under way on this thread: its steps' seconds
 
     def rows(self):
@@ -154,6 +157,8 @@ class Runner:
             try:
                 while not all(w.done() for w in workers):
                     time.sleep(0.5)
+                    if self.deadline and time.time() > self.deadline:
+                        self.stop_resumable()
             except KeyboardInterrupt:
                 self.interrupt("interrupted: the runs under way leave no row; a rerun does them")
                 code = 130
@@ -164,6 +169,10 @@ class Runner:
         if self.unstarted:
             print(f"--deadline_minutes: {len(self.unstarted)} runs not started: "
                   f"{', '.join(f'{j.variant.name}/{j.seed}' for j in self.unstarted)}")
+        if self.stopped:
+            print(f"--deadline_minutes: {len(self.stopped)} re-evaluations stopped at the deadline, their finished "
+                  f"batches of samples kept (a rerun continues them): "
+                  f"{', '.join(f'{j.variant.name}/{j.seed}' for j in self.stopped)}")
         from ablations.report import write_report
         print(f"wrote {write_report(self.study, self.out, self.setup)}")
         return code
@@ -174,6 +183,10 @@ class Runner:
                 try:
                     row = self.run_job(job, slot)
                 except Interrupted:
+                    if self.deadline and time.time() >= self.deadline and not self.stop.is_set():  # the deadline's stop
+                        with self.lock:
+                            self.stopped.append(job)
+                            self.bar.total -= 1
                     return
                 except Skipped as e:
                     self.bar.write(f"{job.variant.name} seed {job.seed}: not run: {e}")
@@ -195,8 +208,10 @@ class Runner:
 
     def next_job(self):
         """The first pending run whose trained run (for a re-evaluation) is neither pending nor under
-        way; None when none is left. Under --deadline_minutes a run that cannot finish in time is
-        not started, nor are its re-evaluations."""
+        way; None when none is left. Under --deadline_minutes a trained run that cannot finish in time
+        is not started, nor are its re-evaluations. A re-evaluation starts until the deadline, even
+        one that cannot finish by then: its evaluate.py keeps each finished batch of samples
+        (--resume_dir), the deadline stops it with no row, and a rerun continues it."""
         with self.lock:
             while not self.stop.is_set() and self.pending:
                 waiting_for = self.running | {j.key for j in self.pending}
@@ -206,10 +221,16 @@ class Runner:
                     continue
                 self.pending.remove(job)
                 unstarted = {j.key for j in self.unstarted}
-                if self.deadline and (job.root in unstarted or time.time() + self.estimate_seconds(job) > self.deadline):
+                now = time.time()
+                past = self.deadline and now + self.estimate_seconds(job) > self.deadline
+                if self.deadline and (job.root in unstarted or now >= self.deadline or past and not job.variant.of):
                     self.unstarted.append(job)
                     self.bar.total -= 1
                     continue
+                if past:
+                    self.bar.write(f"{job.variant.name} seed {job.seed}: about {self.estimate_seconds(job) / 60:.0f} "
+                                   f"minutes, past the deadline: it samples until then, keeps its finished batches, "
+                                   f"and a rerun continues it")
                 self.running.add(job.key)
                 return job
             return None
@@ -243,6 +264,14 @@ class Runner:
         at = lambda s: fixed + per_step * s
         slower = 1 if line_here else max([t / at(s) for s, t in here], default=1)
         return slower * (at(steps) + above)
+
+    def stop_resumable(self):
+        """At the deadline: SIGTERM to the re-evaluations under way, whose finished batches stay."""
+        with self.lock:
+            resumable = [child for child, resumes in self.children.items() if resumes]
+        for child in resumable:
+            with contextlib.suppress(OSError):
+                child.send_signal(signal.SIGTERM)
 
     def interrupt(self, message, wait=False):
         """Stop: no new step starts, the steps under way get SIGTERM (train.py writes its checkpoint);
@@ -293,7 +322,9 @@ class Runner:
         except RunFailed as e:
             row.update(status="failed", reason=str(e))
         row["finished"] = time.time()  # rows are ordered by it (ablations/rows.py)
-        row["wall_seconds"] = round(row["finished"] - started, 1)
+        # A re-evaluation that an earlier invocation began: the batches it kept count with what they took.
+        earlier = row.get("resumed") or {"wall_seconds": 0, "cpu_seconds": 0}
+        row["wall_seconds"] = round(row["finished"] - started + earlier["wall_seconds"], 1)
         # A GPU that runs several runs at once gives each its share of the time.
         row["gpu_seconds"] = None if slot[1] == "cpu" else round(row["wall_seconds"] / self.runs_per_gpu, 1)
         # On a CPU each run has its own threads: its CPU time is its wall time times them.
@@ -302,7 +333,8 @@ class Runner:
         # ...and the CPU time its steps really used (user and system), which other load on the
         # machine does not inflate; None where a step's could not be read.
         used = list(self.local.cpu_seconds.values())
-        row["process_cpu_seconds"] = round(sum(used), 1) if used and None not in used and row["status"] == "ok" else None
+        row["process_cpu_seconds"] = (round(sum(used) + earlier["cpu_seconds"], 1)
+                                      if used and None not in used and row["status"] == "ok" else None)
         row["config"] = config_to_dict(config)
         return row
 
@@ -358,7 +390,8 @@ class Runner:
             "--test_dir", self.args.validate_dataset_directory, "--no_download", "--seed", eval_seed,
             "--subset_seed", self.setup.evaluation_seed, "--cache_dir", os.path.join(self.checkpoints, "evaluation_cache"),
             "--grid", grid_path, "--grid_size", self.scale.grid_size, "--overwrite",  # the first samples
-            "--device", slot[1], "--precision", self.setup.precision, "--layout", "contiguous", *sampler], run_dir, slot)
+            "--device", slot[1], "--precision", self.setup.precision, "--layout", "contiguous",
+            "--resume_dir", os.path.join(run_dir, f"samples_{v.name}"), *sampler], run_dir, slot, resumes=bool(v.of))
         with open(report_path) as f:
             report = json.load(f)
         grid = os.path.join("grids", f"{v.name}_seed{seed}.png")
@@ -366,11 +399,13 @@ class Runner:
         shutil.copyfile(grid_path, os.path.join(self.out, grid))
         attributes = report.get("attributes") or {}
         return {"sampler": report["sampler"], "metrics": report["metrics"], "attribute_tv": attributes.get("tv"),
-                "mi_top_pair": attributes.get("mi_top_pair"), "grid": grid, "run_dir": run_dir}
+                "mi_top_pair": attributes.get("mi_top_pair"), "grid": grid, "run_dir": run_dir,
+                "resumed": report["samples"].get("resumed")}
 
-    def step(self, name, command, run_dir, slot):
+    def step(self, name, command, run_dir, slot, resumes=False):
         """One step of a run, a Python script of this repository in a subprocess, its output in
-        <run_dir>/<name>.log and .err. Raises RunFailed with its last error line, or Interrupted."""
+        <run_dir>/<name>.log and .err. Raises RunFailed with its last error line, or Interrupted.
+        resumes: a step that the deadline may stop, as it continues where it stopped."""
         gpu, _, threads = slot
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if gpu is not None:
@@ -385,10 +420,10 @@ class Runner:
                     raise Interrupted
                 child = subprocess.Popen([sys.executable, os.path.join(REPO, command[0]), *map(str, command[1:])],
                                          env=env, stdout=out, stderr=err)
-                self.children.add(child)
+                self.children[child] = resumes
             code, cpu = wait_for(child)
             with self.lock:
-                self.children.discard(child)
+                self.children.pop(child)
         if self.stop.is_set() or code in (130, -signal.SIGINT, -signal.SIGTERM):
             raise Interrupted
         if code != 0:

@@ -336,6 +336,62 @@ def test_the_deadline_estimates_a_run_by_its_network_and_a_re_evaluation_by_its_
     assert runner_module.sampling_line([(10, 30.0), (25, 300.0)]) is None  # -150 s at 0 steps: noise
 
 
+def test_the_deadline_starts_a_re_evaluation_that_cannot_end_and_stops_it_there(tmp_path, capsys):
+    """Under --deadline_minutes a trained run that cannot end in time does not start, but a
+    re-evaluation does, as its evaluate.py keeps each finished batch (--resume_dir): at the deadline
+    the runner stops it, with no row and a line that says a rerun continues it, and lets a trained
+    run's step under way go on."""
+    from tqdm import tqdm
+    runner = gpu_runner(tmp_path)
+    results = tmp_path / "out" / "results.jsonl"
+    config = json.loads(json.dumps(config_to_dict(runner.study.config(runner.study.variant("baseline")))))
+    rows.append_row(results, fake_row(runner.study, runner.setup, "baseline", 0, 100.0, wall_seconds=700.0, config=config))
+    rows.append_row(results, fake_row(runner.study, runner.setup, "evaluation_noise_1", 0, 101.0, wall_seconds=300.0,
+                                      sampler={"sampler": "dpm", "steps": 25}))
+    job = lambda name: plan.Job(runner.study.variant(name), 0)
+    # 10 minutes: neither the trained run (700 s) nor DDPM's 1000 steps (about 12,000 s) can end by then.
+    runner.pending, runner.running, runner.unstarted = [job("norm_batch"), job("baseline_ddpm_1000")], set(), []
+    runner.deadline, runner.bar = time.time() + 600, tqdm(total=2, disable=True)
+    assert runner.next_job().key == ("baseline_ddpm_1000", 0) and runner.next_job() is None
+    assert [j.key for j in runner.unstarted] == [("norm_batch", 0)]
+    runner.pending, runner.deadline = [job("baseline_dpm_10")], time.time() - 1
+    assert runner.next_job() is None  # past the deadline: no re-evaluation starts either
+    assert "baseline_ddpm_1000 seed 0: about 200 minutes, past the deadline: it samples until then" in capsys.readouterr().out
+
+    script = tmp_path / "step.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(600)\n")
+    raised = {}
+
+    def step(name, resumes):
+        try:
+            runner.step(name, [str(script)], str(tmp_path), (None, "cpu", 1), resumes=resumes)
+        except runner_module.Interrupted:
+            raised[name] = True
+    threads = {name: threading.Thread(target=step, args=(name, name == "sampling")) for name in ("sampling", "training")}
+    for thread in threads.values():
+        thread.start()
+    wait_until = time.time() + 60
+    while not all((tmp_path / f"{name}.log").exists() and "started" in (tmp_path / f"{name}.log").read_text()
+                  for name in threads):
+        assert time.time() < wait_until
+        time.sleep(0.1)
+    runner.stop_resumable()
+    threads["sampling"].join(timeout=60)
+    time.sleep(0.5)
+    assert raised == {"sampling": True} and threads["training"].is_alive()
+    runner.interrupt("the end of the test")
+    threads["training"].join(timeout=60)
+    assert raised == {"sampling": True, "training": True}
+
+    # The worker files the stopped re-evaluation under "stopped", not as a row.
+    runner, jobs = gpu_runner(tmp_path), [job("baseline_ddpm_1000")]
+    runner.bar, runner.running, runner.deadline = tqdm(total=1, disable=True), set(), time.time() - 1
+    runner.next_job = lambda: jobs.pop() if jobs else None
+    runner.run_job = lambda *args: (_ for _ in ()).throw(runner_module.Interrupted())
+    runner.worker((None, "cpu", 1))
+    assert [j.key for j in runner.stopped] == [("baseline_ddpm_1000", 0)] and len(results_of(tmp_path / "out")) == 2
+
+
 def test_a_bf16_study_refuses_a_cpu_that_would_emulate_bf16(tmp_path, monkeypatch):
     """Emulated bf16 runs a CPU study 15 to 40 times slower than fp32: the runner says so before it
     starts, and runs where the CPU has bf16 or the table is fp32."""
@@ -892,6 +948,8 @@ def test_the_study_end_to_end_on_tiny_data(tmp_path):
         assert row["setup_hash"] == Setup.of(plan.load_study(study, "toy").scale).hash
         assert Image.open(out / row["grid"]).size == (256, 128) and pixel_spread(out / row["grid"]) > 5
         assert not os.path.exists(os.path.join(row["run_dir"], "best_validation_checkpoint.pth"))
+        assert row["resumed"]["batches"] >= 0  # evaluate.py kept its batches (--resume_dir), then removed them
+        assert not [name for name in os.listdir(row["run_dir"]) if name.startswith("samples_")], key
     # One evaluation for every row: the floor is a constant; the seed reached the training itself.
     assert len({r["metrics"]["attribute_fd"]["floor"] for r in ok.values()}) == 1
     base0, base1 = ok["baseline", 0], ok["baseline", 1]

@@ -712,6 +712,62 @@ def test_grid_shows_the_first_samples_and_keeps_an_existing_file(tiny_checkpoint
     assert (np.asarray(Image.open(grid)) != pixels).any()
 
 
+def test_a_stopped_evaluation_continues_from_its_kept_batches(tiny_checkpoint, folders, attribute_net_file, tmp_path,
+                                                              capsys, monkeypatch):
+    """--resume_dir: an evaluation stopped after its sampling (here in its metrics, as a session's end
+    may stop DDPM's hours) leaves each batch; the rerun reads them back instead of sampling, scores
+    exactly the numbers of a run never stopped, reports what it read, and removes them."""
+    kept = tmp_path / "kept"
+    flags = ["--checkpoint", tiny_checkpoint, "--num_samples", 16, "--batch_size", 8, "--attribute_net",
+             attribute_net_file, "--cache_dir", tmp_path / "cache", *SAMPLING]
+    plain, _, _ = evaluated(capsys, tmp_path, folders, *flags)
+    assert "resumed" not in plain["samples"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "evaluate", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate.main([str(a) for a in [*flags, "--reference_dir", folders["reference"], "--test_dir",
+                                            folders["test"], "--no_download", "--resume_dir", kept]])
+    [folder] = kept.iterdir()
+    assert sorted(os.listdir(folder)) == ["batch_0000000.pt", "batch_0000008.pt", "key.json"]
+    assert json.loads((folder / "key.json").read_text())["checkpoint_sha256"] == sha256_of(tiny_checkpoint)
+
+    resumed, out, _ = evaluated(capsys, tmp_path, folders, *flags, "--resume_dir", kept)
+    assert resumed["metrics"] == plain["metrics"] and resumed["attributes"] == plain["attributes"]
+    assert resumed["samples"]["resumed"]["batches"] == 2 and resumed["samples"]["resumed"]["wall_seconds"] > 0
+    assert f"read 2 batches back from {folder}" in out
+    assert not kept.exists()  # used, then removed
+
+
+def test_kept_batches_are_read_back_for_their_key_only(tiny_checkpoint, tmp_path, capsys):
+    """generate.KeptBatches: a kept batch's own pixels come back (a zeroed one stays zero), a file that
+    cannot be read is sampled again with a warning, and another key (here another seed) reads none."""
+    from checkpoint import load_for_sampling
+    from generate import KeptBatches, generate_images
+    from speed import choose_plan
+    model, config = load_for_sampling(str(tiny_checkpoint), "cpu", sampling_steps=2)
+    plan = choose_plan("fp32", config, torch.device("cpu"), 4, kind="sample", layout="contiguous")
+    sampled = lambda keep: generate_images(model, config, 8, batch_size=4, progress=False, plan=plan, keep=keep)
+    first = KeptBatches(tmp_path, seed=0)
+    images = sampled(first)
+    assert first.read["batches"] == 0 and len(os.listdir(first.dir)) == 3
+    saved = torch.load(first.path(4), weights_only=True)
+    saved["images"].zero_()
+    torch.save(saved, first.path(4))
+    (Path(first.dir) / "batch_0000000.pt").write_bytes(b"not a batch")
+    again = KeptBatches(tmp_path, seed=0)
+    resumed = sampled(again)
+    assert again.dir == first.dir and again.read["batches"] == 1
+    assert torch.equal(resumed[:4], images[:4]) and not resumed[4:].any() and images[4:].any()
+    assert "batch_0000000.pt: cannot read it (UnpicklingError); sampling that batch again" in capsys.readouterr().err
+    other = KeptBatches(tmp_path, seed=1)
+    assert torch.equal(sampled(other), images) and other.read["batches"] == 0 and other.dir != first.dir
+    other.remove()
+    assert not os.path.exists(other.dir) and os.path.exists(first.dir)
+
+
 def test_without_a_source_the_pretrained_model_is_evaluated_once_checked(folders, tmp_path, capsys, monkeypatch):
     """No --checkpoint and no --image_dir before any training: the committed pretrained model, said in
     one line; a pretrained file whose sha256 does not match is a one-line error that names it."""
