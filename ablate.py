@@ -4,7 +4,7 @@ the rows.
 
     bash ablate.sh                                    # the whole study on this machine's GPU
     bash ablate.sh --group baseline                   # one chunk; --only NAME,NAME picks variants
-    bash ablate.sh --deadline_minutes 12              # stop in 12 minutes: no run starts that cannot end
+    bash ablate.sh --deadline_minutes 12              # no training starts that cannot end in 12 minutes
     bash ablate.sh --gpus 0,1,2,3                     # one worker per GPU
     bash ablate.sh --shard 3/8                        # the third eighth of the runs (a SLURM array task)
     bash ablate.sh --scale cpu                        # the CPU study: preset small, on 2 CPU cores

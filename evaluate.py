@@ -250,7 +250,7 @@ def run(args):
                                   progress=True, compile=args.compile, plan=plan, keep=keep)
         report["samples"] = {"checkpoint": args.checkpoint, "images": n}
         if keep is not None:  # the earlier runs' share of the sampling, and what it took them
-            report["samples"]["resumed"] = {k: round(v, 1) for k, v in keep.read.items()}
+            report["samples"]["resumed"] = {k: round(v, 3) for k, v in keep.read.items()}
         report["sampler"] = {**sampler_settings(config), "seed": args.seed, "batch_size": args.batch_size,
                              "ema": not args.no_ema, "precision": plan.precision, "layout": plan.layout}
         report["config"] = config_to_dict(config)

@@ -133,12 +133,12 @@ def generate_images(model, config, num_images, seed=0, batch_size=None, device="
 class KeptBatches:
     """generate_images's finished batches, one file each, so that a stopped run (Ctrl-C, a session's
     end) continues where it stopped with the same images: <folder>/<the key's hash>/batch_<first
-    image>.pt holds the batch's images, whole (uint8), and the seconds it took. The key is all that
-    fixes the images, so a batch of another key is never read: the caller gives the checkpoint's
-    sha256, the configuration and the seed; generate_images adds the batch size, the precision, the
-    layout and compile; and the key always holds the sha256 of the code every sample goes through
-    (SAMPLING_CODE) and torch's version. read: the batches read back and the seconds (wall, CPU)
-    they had taken."""
+    image>.pt holds the batch's images, whole (uint8), and the seconds it took. A batch of another key
+    is never read. The caller gives the checkpoint's sha256, the configuration and the seed;
+    generate_images adds the batch size, the precision, the layout and compile; and the key always
+    holds the sha256 of the samplers' and the network's code (SAMPLING_CODE) and torch's version. It
+    does not hold the device type or the thread count, whose rounding differs: continue on the
+    machine that began. read: the batches read back and the seconds (wall, CPU) they had taken."""
 
     def __init__(self, folder, **key):
         code = source_sha256(*SAMPLING_CODE)

@@ -9,15 +9,17 @@ of its samples, --grid_size of the scale). A re-evaluation runs evaluate.py only
 
 Only a failure of train.py or evaluate.py becomes a row with status "failed" and the step's last
 error line. A bug of the runner itself stops the study with its traceback, and Ctrl-C or SIGTERM
-stops it with no row for the runs under way: a rerun does them. evaluate.py keeps each finished batch
-of samples in <run_dir>/samples_<variant>/ (--resume_dir), so a rerun of a stopped evaluation
-continues where it stopped, and its row counts the kept batches' time in its wall and CPU seconds.
+stops it with no row for the runs under way: a rerun does them. A re-evaluation's evaluate.py keeps
+each finished batch of samples in <run_dir>/samples_<variant>/ (--resume_dir), so a rerun continues
+a stopped one where it stopped, and its row adds the kept batches' time to its wall and CPU seconds
+(a trained run's evaluation starts over, as a rerun trains again).
 """
 import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import shutil
 import signal
@@ -86,10 +88,12 @@ class Runner:
         self.facts = {"torch": package_version("torch"), **provenance(self.out)}
         self.runs_per_gpu = args.runs_per_gpu or RUNS_PER_GPU
         self.threads = None  # each run's CPU threads, once run() has its slots
+        self.batches = 1     # the batches of samples of an evaluation, once run() has its slots
         self.lock = threading.Condition()  # guards the plan, the children and the results file
         self.stop = threading.Event()
         self.children = {}  # each step under way: whether it resumes (a re-evaluation's evaluate.py)
         self.stopped = []   # the re-evaluations the deadline stopped
+        self.signalled = set()  # the steps stop_resumable has sent SIGTERM
         self.local = threading.local()     # the run under way on this thread: its steps' seconds
 
     def rows(self):
@@ -139,6 +143,8 @@ class Runner:
         jobs, skipped = self.plan()
         slots = self.slots()
         self.threads = slots[0][2]
+        from speed import sampling_batch
+        self.batches = math.ceil(self.setup.num_samples / sampling_batch(slots[0][1]))  # an evaluation's
         print(f"ablation study, scale {self.scale.name}: budget {self.setup.budget_kimg:g} kimg, "
               f"{self.setup.num_samples} samples per evaluation, {self.setup.precision}; {len(jobs)} runs to do, "
               f"{skipped} skipped (they have a current row); {len(slots)} at a time on {slots[0][1]}; rows in "
@@ -183,11 +189,12 @@ class Runner:
                 try:
                     row = self.run_job(job, slot)
                 except Interrupted:
-                    if self.deadline and time.time() >= self.deadline and not self.stop.is_set():  # the deadline's stop
-                        with self.lock:
-                            self.stopped.append(job)
-                            self.bar.total -= 1
-                    return
+                    if self.stop.is_set() or not (job.variant.of and self.deadline and time.time() >= self.deadline):
+                        return
+                    with self.lock:  # the deadline stopped a re-evaluation: next_job files the rest as not started
+                        self.stopped.append(job)
+                        self.bar.total -= 1
+                    continue
                 except Skipped as e:
                     self.bar.write(f"{job.variant.name} seed {job.seed}: not run: {e}")
                     continue
@@ -209,9 +216,9 @@ class Runner:
     def next_job(self):
         """The first pending run whose trained run (for a re-evaluation) is neither pending nor under
         way; None when none is left. Under --deadline_minutes a trained run that cannot finish in time
-        is not started, nor are its re-evaluations. A re-evaluation starts until the deadline, even
-        one that cannot finish by then: its evaluate.py keeps each finished batch of samples
-        (--resume_dir), the deadline stops it with no row, and a rerun continues it."""
+        is not started, nor are its re-evaluations. A re-evaluation starts where at least one of its
+        batches of samples can end in time, even one that cannot finish: its evaluate.py keeps each
+        finished batch (--resume_dir), the deadline stops it with no row, and a rerun continues it."""
         with self.lock:
             while not self.stop.is_set() and self.pending:
                 waiting_for = self.running | {j.key for j in self.pending}
@@ -221,16 +228,17 @@ class Runner:
                     continue
                 self.pending.remove(job)
                 unstarted = {j.key for j in self.unstarted}
-                now = time.time()
-                past = self.deadline and now + self.estimate_seconds(job) > self.deadline
-                if self.deadline and (job.root in unstarted or now >= self.deadline or past and not job.variant.of):
+                seconds = self.estimate_seconds(job) if self.deadline else 0
+                # A re-evaluation needs the time of one batch (--resume_dir keeps each); a trained run all of it.
+                needed = seconds / self.batches if job.variant.of else seconds
+                if self.deadline and (job.root in unstarted or time.time() + needed > self.deadline):
                     self.unstarted.append(job)
                     self.bar.total -= 1
                     continue
-                if past:
-                    self.bar.write(f"{job.variant.name} seed {job.seed}: about {self.estimate_seconds(job) / 60:.0f} "
-                                   f"minutes, past the deadline: it samples until then, keeps its finished batches, "
-                                   f"and a rerun continues it")
+                if self.deadline and time.time() + seconds > self.deadline:
+                    self.bar.write(f"{job.variant.name} seed {job.seed}: about {seconds / 60:.0f} minutes, past the "
+                                   f"deadline: it samples until then, keeps its finished batches, and a rerun "
+                                   f"continues it")
                 self.running.add(job.key)
                 return job
             return None
@@ -266,9 +274,10 @@ class Runner:
         return slower * (at(steps) + above)
 
     def stop_resumable(self):
-        """At the deadline: SIGTERM to the re-evaluations under way, whose finished batches stay."""
+        """At the deadline: SIGTERM, once, to the re-evaluations under way, whose finished batches stay."""
         with self.lock:
-            resumable = [child for child, resumes in self.children.items() if resumes]
+            resumable = [child for child, resumes in self.children.items() if resumes and child not in self.signalled]
+            self.signalled.update(resumable)
         for child in resumable:
             with contextlib.suppress(OSError):
                 child.send_signal(signal.SIGTERM)
@@ -390,8 +399,9 @@ class Runner:
             "--test_dir", self.args.validate_dataset_directory, "--no_download", "--seed", eval_seed,
             "--subset_seed", self.setup.evaluation_seed, "--cache_dir", os.path.join(self.checkpoints, "evaluation_cache"),
             "--grid", grid_path, "--grid_size", self.scale.grid_size, "--overwrite",  # the first samples
-            "--device", slot[1], "--precision", self.setup.precision, "--layout", "contiguous",
-            "--resume_dir", os.path.join(run_dir, f"samples_{v.name}"), *sampler], run_dir, slot, resumes=bool(v.of))
+            "--device", slot[1], "--precision", self.setup.precision, "--layout", "contiguous", *sampler,
+            *(["--resume_dir", os.path.join(run_dir, f"samples_{v.name}")] if v.of else [])],
+            run_dir, slot, resumes=bool(v.of))
         with open(report_path) as f:
             report = json.load(f)
         grid = os.path.join("grids", f"{v.name}_seed{seed}.png")

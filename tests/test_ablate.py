@@ -338,9 +338,9 @@ def test_the_deadline_estimates_a_run_by_its_network_and_a_re_evaluation_by_its_
 
 def test_the_deadline_starts_a_re_evaluation_that_cannot_end_and_stops_it_there(tmp_path, capsys):
     """Under --deadline_minutes a trained run that cannot end in time does not start, but a
-    re-evaluation does, as its evaluate.py keeps each finished batch (--resume_dir): at the deadline
-    the runner stops it, with no row and a line that says a rerun continues it, and lets a trained
-    run's step under way go on."""
+    re-evaluation does where one batch of its samples can end, as its evaluate.py keeps each finished
+    batch (--resume_dir): at the deadline the runner stops it, with no row and a line that says a
+    rerun continues it, and lets a trained run's step under way go on."""
     from tqdm import tqdm
     runner = gpu_runner(tmp_path)
     results = tmp_path / "out" / "results.jsonl"
@@ -349,11 +349,15 @@ def test_the_deadline_starts_a_re_evaluation_that_cannot_end_and_stops_it_there(
     rows.append_row(results, fake_row(runner.study, runner.setup, "evaluation_noise_1", 0, 101.0, wall_seconds=300.0,
                                       sampler={"sampler": "dpm", "steps": 25}))
     job = lambda name: plan.Job(runner.study.variant(name), 0)
-    # 10 minutes: neither the trained run (700 s) nor DDPM's 1000 steps (about 12,000 s) can end by then.
-    runner.pending, runner.running, runner.unstarted = [job("norm_batch"), job("baseline_ddpm_1000")], set(), []
+    # 10 minutes: neither the trained run (700 s) nor DDPM's 1000 steps (about 12,000 s) can end by
+    # then; one of DDPM's 40 batches (300 s) can. With 10 batches (1,200 s each) not one.
+    runner.batches, runner.running, runner.unstarted = 40, set(), []
+    runner.pending = [job("norm_batch"), job("baseline_ddpm_1000")]
     runner.deadline, runner.bar = time.time() + 600, tqdm(total=2, disable=True)
     assert runner.next_job().key == ("baseline_ddpm_1000", 0) and runner.next_job() is None
     assert [j.key for j in runner.unstarted] == [("norm_batch", 0)]
+    runner.batches, runner.pending = 10, [job("baseline_ddpm_1000")]
+    assert runner.next_job() is None and runner.unstarted[-1].key == ("baseline_ddpm_1000", 0)
     runner.pending, runner.deadline = [job("baseline_dpm_10")], time.time() - 1
     assert runner.next_job() is None  # past the deadline: no re-evaluation starts either
     assert "baseline_ddpm_1000 seed 0: about 200 minutes, past the deadline: it samples until then" in capsys.readouterr().out
@@ -383,13 +387,29 @@ def test_the_deadline_starts_a_re_evaluation_that_cannot_end_and_stops_it_there(
     threads["training"].join(timeout=60)
     assert raised == {"sampling": True, "training": True}
 
-    # The worker files the stopped re-evaluation under "stopped", not as a row.
-    runner, jobs = gpu_runner(tmp_path), [job("baseline_ddpm_1000")]
+    # The whole loop: at the deadline run() stops the re-evaluation under way and says so; the worker
+    # goes on to file the run after it as not started. No row.
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(600)\n")
+    runner = gpu_runner(tmp_path, "--deadline_minutes", "0.05")  # 3 seconds
+    runner.plan = lambda: ([job("baseline_ddpm_1000"), job("baseline_dpm_10")], 0)
+    runner.slots = lambda: [(None, "cpu", 1)]
+    runner.estimate_seconds = lambda job: 0.1
+    runner.run_job = lambda job, slot: runner.step("evaluate.py", [str(script)], str(tmp_path), slot, resumes=True)
+    started = time.time()
+    assert runner.run() == 0 and time.time() - started < 60
+    out = capsys.readouterr().out
+    assert ("--deadline_minutes: 1 re-evaluations stopped at the deadline, their finished batches of samples kept "
+            "(a rerun continues them): baseline_ddpm_1000/0") in out
+    assert "--deadline_minutes: 1 runs not started: baseline_dpm_10/0" in out
+    assert len(results_of(tmp_path / "out")) == 2
+
+    # A trained run's step that a signal ended after the deadline is not one that a rerun continues.
+    runner, jobs = gpu_runner(tmp_path), [job("norm_batch")]
     runner.bar, runner.running, runner.deadline = tqdm(total=1, disable=True), set(), time.time() - 1
     runner.next_job = lambda: jobs.pop() if jobs else None
     runner.run_job = lambda *args: (_ for _ in ()).throw(runner_module.Interrupted())
     runner.worker((None, "cpu", 1))
-    assert [j.key for j in runner.stopped] == [("baseline_ddpm_1000", 0)] and len(results_of(tmp_path / "out")) == 2
+    assert runner.stopped == []
 
 
 def test_a_bf16_study_refuses_a_cpu_that_would_emulate_bf16(tmp_path, monkeypatch):
@@ -948,7 +968,8 @@ def test_the_study_end_to_end_on_tiny_data(tmp_path):
         assert row["setup_hash"] == Setup.of(plan.load_study(study, "toy").scale).hash
         assert Image.open(out / row["grid"]).size == (256, 128) and pixel_spread(out / row["grid"]) > 5
         assert not os.path.exists(os.path.join(row["run_dir"], "best_validation_checkpoint.pth"))
-        assert row["resumed"]["batches"] >= 0  # evaluate.py kept its batches (--resume_dir), then removed them
+        # A re-evaluation's evaluate.py kept its batches (--resume_dir), then removed them; a trained run's did not.
+        assert (row["resumed"] is None) == (row["of"] is None), key
         assert not [name for name in os.listdir(row["run_dir"]) if name.startswith("samples_")], key
     # One evaluation for every row: the floor is a constant; the seed reached the training itself.
     assert len({r["metrics"]["attribute_fd"]["floor"] for r in ok.values()}) == 1
