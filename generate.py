@@ -125,8 +125,9 @@ def generate_images(model, config, num_images, seed=0, batch_size=None, device="
             images.append(batch[:n])
             bar.update(n)
     if keep is not None and keep.read["batches"] and progress:
-        print(f"read {keep.read['batches']} batches back from {keep.dir} (sampled there in "
-              f"{keep.read['wall_seconds']:.0f} s); sampled the other {math.ceil(num_images / batch_size) - keep.read['batches']}")
+        read = keep.read["batches"]
+        print(f"read {read} batches back from {keep.dir} (sampled there in {keep.read['wall_seconds']:.0f} s); "
+              f"sampled the other {len(images) - read}")
     return torch.cat(images)
 
 
