@@ -30,9 +30,9 @@ grid starts from the same noise, whatever --num_samples.
 
 --resume_dir DIR keeps each finished batch of samples in DIR (generate.KeptBatches), so that a
 stopped evaluation continues where it stopped: a rerun reads back the batches of the same checkpoint
-file, configuration, sampler, --seed, batch size and precision, samples the others, and removes
-them all once the metrics are computed. The report's samples.resumed says how many batches were
-read back and what sampling them took.
+file, configuration, sampler, --seed, batch size, precision, device type and thread count, samples
+the others, and removes them all once the metrics are computed. The report's samples.resumed says
+how many batches were read back and what sampling them took.
 
 - FID (Heusel et al. 2017) and KID (Binkowski et al. 2018, x1e3) on Inception-v3 pool features,
   through torchmetrics and torch-fidelity, with the images resized to 299x299 as TensorFlow's FID

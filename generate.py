@@ -108,7 +108,8 @@ def generate_images(model, config, num_images, seed=0, batch_size=None, device="
             raise UserError("--compile on --device cpu: inductor's CPU backend needs a C++ compiler (g++ or clang++) "
                             "and none is on PATH; install one or pass --compile off")
     if keep is not None:
-        keep.open(batch_size=batch_size, precision=plan.precision, layout=plan.layout, compiled=compiled)
+        keep.open(batch_size=batch_size, precision=plan.precision, layout=plan.layout, compiled=compiled,
+                  device=device.type, threads=torch.get_num_threads() if device.type == "cpu" else None)
     network = ledger.timing(torch.compile(model, dynamic=False) if compiled else model, "whole" if compiled else "off")
     images = []
     with tqdm(total=num_images, desc="sampling", unit="img", disable=not progress) as bar:
@@ -124,6 +125,8 @@ def generate_images(model, config, num_images, seed=0, batch_size=None, device="
                     keep.put(start, batch, time.perf_counter() - wall, time.process_time() - cpu)
             images.append(batch[:n])
             bar.update(n)
+            if keep is not None and keep.read["batches"]:
+                bar.set_postfix_str(f"{keep.read['batches']} read back")  # shown at once: reading is quicker than tqdm's refresh
     if keep is not None and keep.read["batches"] and progress:
         read = keep.read["batches"]
         print(f"read {read} batches back from {keep.dir} (sampled there in {keep.read['wall_seconds']:.0f} s); "
@@ -136,10 +139,11 @@ class KeptBatches:
     end) continues where it stopped with the same images: <folder>/<the key's hash>/batch_<first
     image>.pt holds the batch's images, whole (uint8), and the seconds it took. A batch of another key
     is never read. The caller gives the checkpoint's sha256, the configuration and the seed;
-    generate_images adds the batch size, the precision, the layout and compile; and the key always
-    holds the sha256 of the samplers' and the network's code (SAMPLING_CODE) and torch's version. It
-    does not hold the device type or the thread count, whose rounding differs: continue on the
-    machine that began. read: the batches read back and the seconds (wall, CPU) they had taken."""
+    generate_images adds the batch size, the precision, the layout, compile, the device type and (on
+    the CPU) the thread count, whose rounding differs; and the key always holds the sha256 of the
+    samplers' and the network's code (SAMPLING_CODE) and torch's version. The CPU's model is not in
+    it: continue on the machine that began. read: the batches read back and the seconds (wall, CPU)
+    they had taken."""
 
     def __init__(self, folder, **key):
         code = source_sha256(*SAMPLING_CODE)

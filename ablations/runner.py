@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import glob
 import json
 import math
 import os
@@ -228,20 +229,32 @@ class Runner:
                     continue
                 self.pending.remove(job)
                 unstarted = {j.key for j in self.unstarted}
-                seconds = self.estimate_seconds(job) if self.deadline else 0
-                # A re-evaluation needs the time of one batch (--resume_dir keeps each); a trained run all of it.
-                needed = seconds / self.batches if job.variant.of else seconds
+                seconds = needed = self.estimate_seconds(job) if self.deadline else 0
+                kept = 0
+                if job.variant.of and self.deadline:
+                    kept = self.kept_batches(job)
+                    # A re-evaluation needs the time of one batch (--resume_dir keeps each), and samples
+                    # only the batches a stopped run of it has not kept; a trained run needs all of it.
+                    needed, seconds = seconds / self.batches, seconds * (1 - kept / self.batches)
                 if self.deadline and (job.root in unstarted or time.time() + needed > self.deadline):
                     self.unstarted.append(job)
                     self.bar.total -= 1
                     continue
                 if self.deadline and time.time() + seconds > self.deadline:
-                    self.bar.write(f"{job.variant.name} seed {job.seed}: about {seconds / 60:.0f} minutes, past the "
-                                   f"deadline: it samples until then, keeps its finished batches, and a rerun "
+                    left = f" for the {self.batches - kept} of its {self.batches} batches not kept" if kept else ""
+                    self.bar.write(f"{job.variant.name} seed {job.seed}: about {seconds / 60:.0f} minutes{left}, past "
+                                   f"the deadline: it samples until then, keeps its finished batches, and a rerun "
                                    f"continues it")
                 self.running.add(job.key)
                 return job
             return None
+
+    def kept_batches(self, job):
+        """The batches of samples that a stopped run of this re-evaluation kept (--resume_dir): the
+        most in one key's folder, as its rerun reads back only those of its own key."""
+        folder = os.path.join(self.run_dir(self.study.variant(job.variant.of).name, job.seed), f"samples_{job.variant.name}")
+        kept = [len(glob.glob(os.path.join(key, "batch_*.pt"))) for key in glob.glob(os.path.join(folder, "*"))]
+        return min(max(kept, default=0), self.batches)
 
     def estimate_seconds(self, job):
         """The longest finished run of its kind (trained, or re-evaluated) at this setup, of the same

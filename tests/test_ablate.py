@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -225,8 +226,10 @@ def test_a_path_row_that_reaches_the_baseline_shows_the_baselines_runs_on_its_se
 # ---- the plan --------------------------------------------------------------------------------------
 
 def gpu_runner(tmp_path, *flags):
-    args = ablate.parse_args("run", ["--out", str(tmp_path / "out"), "--train_dataset_directory", str(tmp_path),
-                                     "--validate_dataset_directory", str(tmp_path), *flags])
+    """The gpu scale's runner, its rows and run folders in tmp_path (flags may give others)."""
+    args = ablate.parse_args("run", ["--out", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "runs"),
+                                     "--train_dataset_directory", str(tmp_path), "--validate_dataset_directory",
+                                     str(tmp_path), *flags])
     return ablate.Runner(load("gpu"), args)
 
 
@@ -361,6 +364,22 @@ def test_the_deadline_starts_a_re_evaluation_that_cannot_end_and_stops_it_there(
     runner.pending, runner.deadline = [job("baseline_dpm_10")], time.time() - 1
     assert runner.next_job() is None  # past the deadline: no re-evaluation starts either
     assert "baseline_ddpm_1000 seed 0: about 200 minutes, past the deadline: it samples until then" in capsys.readouterr().out
+    # A stopped run kept 30 of the 40 batches (under one key; another key's 5 do not count): its
+    # rerun samples the other 10, a quarter of the time. With all 40 kept it ends in time.
+    samples = pathlib.Path(runner.run_dir("baseline", 0)) / "samples_baseline_ddpm_1000"
+    for key, count in (("a", 30), ("b", 5)):
+        (samples / key).mkdir(parents=True)
+        for start in range(count):
+            (samples / key / f"batch_{start * 50:07d}.pt").write_bytes(b"")
+    runner.batches, runner.deadline = 40, time.time() + 600
+    runner.pending = [job("baseline_ddpm_1000")]
+    assert runner.kept_batches(job("baseline_ddpm_1000")) == 30 and runner.next_job().key == ("baseline_ddpm_1000", 0)
+    assert ("baseline_ddpm_1000 seed 0: about 50 minutes for the 10 of its 40 batches not kept, past the deadline"
+            in capsys.readouterr().out)
+    for start in range(30, 40):
+        (samples / "a" / f"batch_{start * 50:07d}.pt").write_bytes(b"")
+    runner.running, runner.pending = set(), [job("baseline_ddpm_1000")]
+    assert runner.next_job().key == ("baseline_ddpm_1000", 0) and "past the deadline" not in capsys.readouterr().out
 
     script = tmp_path / "step.py"
     script.write_text("import time\nprint('started', flush=True)\ntime.sleep(600)\n")

@@ -743,7 +743,8 @@ def test_a_stopped_evaluation_continues_from_its_kept_batches(tiny_checkpoint, f
 
 def test_kept_batches_are_read_back_for_their_key_only(tiny_checkpoint, tmp_path, capsys):
     """generate.KeptBatches: a kept batch's own pixels come back (a zeroed one stays zero), a file that
-    cannot be read is sampled again with a warning, and another key (here another seed) reads none."""
+    cannot be read is sampled again with a warning, and another key (another seed, another thread
+    count) reads none."""
     from checkpoint import load_for_sampling
     from generate import KeptBatches, generate_images
     from speed import choose_plan
@@ -766,6 +767,14 @@ def test_kept_batches_are_read_back_for_their_key_only(tiny_checkpoint, tmp_path
     assert torch.equal(sampled(other), images) and other.read["batches"] == 0 and other.dir != first.dir
     other.remove()
     assert not os.path.exists(other.dir) and os.path.exists(first.dir)
+    threads = torch.get_num_threads()  # the thread count, whose rounding differs, is part of the key
+    try:
+        torch.set_num_threads(threads + 1)
+        more = KeptBatches(tmp_path, seed=0)
+        sampled(more)
+        assert more.read["batches"] == 0 and more.dir != first.dir
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_without_a_source_the_pretrained_model_is_evaluated_once_checked(folders, tmp_path, capsys, monkeypatch):
