@@ -8,6 +8,7 @@ Unset sampler flags take the values saved in the checkpoint's configuration.
 """
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -159,6 +160,12 @@ class KeptBatches:
 
     def path(self, start):
         return os.path.join(self.dir, f"batch_{start:07d}.pt")
+
+    @staticmethod
+    def most_kept(folder):
+        """The most batches kept under one key in folder (0 where none): what a rerun of that key reads back."""
+        return max((len(glob.glob(os.path.join(key, "batch_*.pt"))) for key in glob.glob(os.path.join(folder, "*"))),
+                   default=0)
 
     def get(self, start, batch_size):
         """The batch of images start .. start + batch_size - 1, or None where none was kept (or its

@@ -18,7 +18,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
-import glob
 import json
 import math
 import os
@@ -250,11 +249,10 @@ class Runner:
             return None
 
     def kept_batches(self, job):
-        """The batches of samples that a stopped run of this re-evaluation kept (--resume_dir): the
-        most in one key's folder, as its rerun reads back only those of its own key."""
+        """The batches of samples that a stopped run of this re-evaluation kept (--resume_dir)."""
+        from generate import KeptBatches
         folder = os.path.join(self.run_dir(self.study.variant(job.variant.of).name, job.seed), f"samples_{job.variant.name}")
-        kept = [len(glob.glob(os.path.join(key, "batch_*.pt"))) for key in glob.glob(os.path.join(folder, "*"))]
-        return min(max(kept, default=0), self.batches)
+        return min(KeptBatches.most_kept(folder), self.batches)
 
     def estimate_seconds(self, job):
         """The longest finished run of its kind (trained, or re-evaluated) at this setup, of the same
